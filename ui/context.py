@@ -1,0 +1,18 @@
+"""What every tab gets: settings, the workspace and the shared base-model picker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from studio.places import Settings, Workspace
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    workspace: Workspace
+    models_dirs: list[str] = field(default_factory=list)
+    model_picker: Any = None  # gr.Dropdown shared by the tabs; its value is a model spec string
+    tabs: Any = None  # gr.Tabs, so one tab can switch to another (e.g. open a result in Inspect)
+    components: dict = field(default_factory=dict)  # cross-tab components, by name (e.g. "inspect_path")
