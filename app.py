@@ -48,6 +48,8 @@ def build_app(ctx):
             for label, module in TABS:
                 with gr.Tab(label, id=label.lower()):
                     importlib.import_module(module).build(ctx)
+        for hook in ctx.on_built:
+            hook()
     return demo
 
 

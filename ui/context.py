@@ -16,3 +16,5 @@ class AppContext:
     model_picker: Any = None  # gr.Dropdown shared by the tabs; its value is a model spec string
     tabs: Any = None  # gr.Tabs, so one tab can switch to another (e.g. open a result in Inspect)
     components: dict = field(default_factory=dict)  # cross-tab components, by name (e.g. "inspect_path")
+    # Callbacks run once every tab is built, for wiring that crosses tabs (e.g. "open in Inspect").
+    on_built: list = field(default_factory=list)
