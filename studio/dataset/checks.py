@@ -22,6 +22,7 @@ from studio.dataset.images import (SUPPORTED_EXTS, SUPPORTED_FORMATS, UNSUPPORTE
 SMALL_SIDE = 256  # short side below this: a warning (it will be upscaled and look soft)
 TINY_SIDE = 64  # short side below this: an error (nothing to learn from; 1x1 pixels and icons)
 NEAR_DUPLICATE_BITS = 8  # of 128 hash bits; two different photos of one scene differ by far more
+NEAR_DUPLICATE_COLOUR = 12  # mean difference (0-255) of 4x4 colour thumbnails; the hash ignores colour
 
 
 @dataclass
@@ -43,6 +44,7 @@ class ImageInfo:
     format: str = ""
     sha256: str = ""
     dhash: tuple[int, int] | None = None
+    colours: np.ndarray | None = None  # 4x4 RGB thumbnail, for telling flat or recoloured images apart
     notes: list[str] = field(default_factory=list)  # conversions load_image will apply
     problems: list[Problem] = field(default_factory=list)
 
@@ -144,9 +146,11 @@ def _check_uncached(p: Path) -> ImageInfo:
         info.problems.append(Problem(p, f"small: {w}x{h}, short side under {SMALL_SIDE} px; it will be "
                                         "upscaled and look soft", "warning"))
     try:
-        info.dhash = dhash(ImageOps.exif_transpose(im) or im)
+        upright = ImageOps.exif_transpose(im) or im
+        info.dhash = dhash(upright)
+        info.colours = np.asarray(upright.convert("RGB").resize((4, 4), Image.Resampling.BOX), dtype=np.int16)
     except Exception:  # a hash is a nicety; never fail a good image over it
-        info.dhash = None
+        info.dhash = info.colours = None
     return info
 
 
@@ -184,7 +188,7 @@ def find_duplicates(infos: list[ImageInfo]) -> list[Problem]:
         distance = np.bitwise_count(hashes[i + 1:] ^ hashes[i]).sum(axis=1)
         for j in np.nonzero(distance <= NEAR_DUPLICATE_BITS)[0]:
             k = i + 1 + int(j)
-            if k in flagged:
+            if k in flagged or np.abs(unique[i].colours - unique[k].colours).mean() > NEAR_DUPLICATE_COLOUR:
                 continue
             flagged.add(k)
             problems.append(Problem(unique[k].path, f"near duplicate of {_rel(unique[i].path, unique[k].path)} "
