@@ -121,10 +121,11 @@ def read_safetensors_header(path: str | os.PathLike) -> SafetensorsHeader:
             raise StudioError(f"{p.name} is not a safetensors file: it is only {size} bytes long.",
                               "The file is empty or truncated; download or export it again.")
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES:
-            if head[:2] == b"PK" or head[:1] == b"\x80":
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
                 raise StudioError(f"{p.name} is a pickle (a .ckpt/.pt file renamed to .safetensors), not safetensors.",
-                                  "Rename it to .ckpt or convert it to safetensors.")
+                                  "Rename it to .ckpt, or better, get the .safetensors version of the file.")
+        if n > MAX_HEADER_BYTES:
             raise StudioError(f"{p.name} is not a valid safetensors file: its header claims {n} bytes.",
                               "The file is corrupt or not a safetensors file.")
         if 8 + n > size:

@@ -318,7 +318,26 @@ def load_pipeline(spec: str, device: str | None = None, dtype=None) -> LoadedMod
                           "Check that the file is a complete Stable Diffusion checkpoint of that family.") from err
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
+    if device == "cpu":
+        _own_memory(pipe)
     return LoadedModel(src, pipe, device, dtype)
+
+
+def _own_memory(pipe) -> None:
+    """Copy CPU weights out of the memory-mapped file into aligned memory of our own.
+
+    Tensors mapped from a safetensors file sit at arbitrary byte offsets; the CPU kernels pick a
+    different (slower, and differently rounded) path for unaligned data, so the same weights would
+    give outputs that differ in the last bits between a folder and a single file. Owning the memory
+    also releases the file, so it can be replaced or deleted while the model is loaded.
+    """
+    import torch
+
+    with torch.no_grad():
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                for t in list(component.parameters()) + list(component.buffers()):
+                    t.data = t.data.clone()
 
 
 class ModelManager:
