@@ -14,12 +14,16 @@ Modules in a file are keyed by their webUI (kohya) name, e.g.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
 
 KINDS: list["AdapterKind"] = []
+# LoCon targets: ResnetBlock2D / Downsample2D / Upsample2D layers (diffusers and SGM names)
+LOCON_NAME = re.compile(r"_(resnets|downsamplers|upsamplers|in_layers|out_layers|emb_layers|skip_connection)_"
+                        r"|_(conv_shortcut|time_emb_proj|skip_connection|op)$|output_blocks_\d+_[12]_conv$")
 
 
 def register(cls):
@@ -91,12 +95,14 @@ class AdapterModule:
         """``lora`` / ``locon`` / ``loha`` / ``lokr`` / ``full``, or ``dora`` when a ``dora_scale`` is present."""
         if "dora_scale" in self.shapes:
             return "dora"
-        if self.kind_impl.name == "lora" and self.is_conv():
+        if self.kind_impl.name == "lora" and (self.is_conv() or LOCON_NAME.search(self.name)):
             return "locon"
         return self.kind_impl.name
 
     def is_conv(self) -> bool:
-        return any(len(s) == 4 for k, s in self.shapes.items() if k not in ("dora_scale", "alpha"))
+        """A kxk convolution (1x1 convs such as SD1's proj_in are plain LoRA targets)."""
+        return any(len(s) == 4 and tuple(s[2:]) != (1, 1) for k, s in self.shapes.items()
+                   if k not in ("dora_scale", "alpha", "lora_up.weight"))
 
     @property
     def rank(self) -> int | None:

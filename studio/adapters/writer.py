@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from studio.adapters import dora
-from studio.adapters.registry import kind_for
+from studio.adapters.registry import AdapterModule, kind_for
 from studio.errors import StudioError
 
 BASE_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
@@ -124,8 +124,8 @@ def save_adapter(path, modules: dict[str, dict[str, torch.Tensor]], family: str,
         if k is None or set(parts) - k.known():
             raise StudioError(f"Module {name} has tensors no adapter kind reads: {sorted(parts)}.",
                               "Use kohya / LyCORIS suffixes (lora_down.weight, hada_w1_a, lokr_w1, diff, ...).")
-        kinds.append("dora" if "dora_scale" in parts else k.name if k.name != "lora" else
-                     ("locon" if parts["lora_down.weight"].ndim == 4 else "lora"))
+        shapes = {s: tuple(t.shape) for s, t in parts.items()}
+        kinds.append(AdapterModule(name, k, shapes).kind)
         for suffix, t in parts.items():
             t = t.detach().cpu()
             if suffix == "alpha":
