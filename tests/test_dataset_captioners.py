@@ -13,34 +13,12 @@ from studio.dataset import scan_dataset
 from studio.dataset.captioners import BlipCaptioner, Wd14Captioner, caption_dataset, get_captioner
 from studio.errors import StudioError
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + \
-    "a the dog cat sitting on grass red blue photo of with ball and".split()
-
-
 @pytest.fixture(scope="session")
 def tiny_blip(tmp_path_factory) -> Path:
     """A randomly initialised BLIP captioning model (two 32-wide layers), saved like a hub folder."""
-    import torch
-    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil,
-                              BlipProcessor)
+    from studio.dataset.tiny_blip import save_tiny_blip
 
-    out = tmp_path_factory.mktemp("blip")
-    vocab = out / "vocab.txt"
-    vocab.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    tokenizer = BertTokenizer(str(vocab), bos_token="[DEC]")
-    config = BlipConfig(
-        text_config=dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=37, max_position_embeddings=64, bos_token_id=5, pad_token_id=0,
-                         sep_token_id=3, eos_token_id=3),
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                           image_size=32, patch_size=8),
-        projection_dim=32)
-    torch.manual_seed(0)
-    BlipForConditionalGeneration(config).save_pretrained(out)
-    BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
-                  tokenizer=tokenizer).save_pretrained(out)
-    vocab.unlink()  # the saved tokenizer must stand on its own
-    return out
+    return save_tiny_blip(tmp_path_factory.mktemp("blip"))
 
 
 def make_folder(root: Path, n: int) -> Path:

@@ -329,7 +329,8 @@ class CaptionReport:
     skipped: int = 0  # already had a caption
     failed: list[Problem] = field(default_factory=list)
     cancelled: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # captioning time: loading images, the model's work, writing captions
+    load_seconds: float = 0.0  # loading (and on first use downloading) the model
 
     @property
     def images_per_second(self) -> float:
@@ -369,6 +370,8 @@ def caption_dataset(items: Dataset | Iterable[DatasetItem], captioner: Captioner
     if progress:
         progress(0, len(todo), f"loading the {captioner.name} captioner")
     captioner.load()
+    report.load_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     gate = GPU.job("caption", f"{captioner.name} captioning", wait=wait_for_gpu) if captioner.uses_gpu \
         else contextlib.nullcontext()
     batch_size = max(1, int(batch_size))
