@@ -38,11 +38,12 @@ def build_app(ctx):
 
     import gradio as gr
 
-    from ui import model_picker
+    from ui import model_picker, settings_panel
 
     with gr.Blocks(title="Adapter Studio", analytics_enabled=False) as demo:
         gr.Markdown("# Adapter Studio\nTeach Stable Diffusion a face, an object or a style on your own GPU.")
         ctx.model_picker = model_picker.build(ctx)
+        settings_panel.build(ctx)
         with gr.Tabs() as tabs:
             ctx.tabs = tabs
             for label, module in TABS:
@@ -57,7 +58,10 @@ def make_context(args):
     from studio.places import Settings, Workspace
     from ui.context import AppContext
 
+    from studio.places import apply_hf_token
+
     settings = Settings.load()
+    apply_hf_token()
     changed = False
     if args.workspace:
         settings.workspace = str(os.path.abspath(args.workspace))
@@ -88,11 +92,15 @@ def main(argv=None) -> int:
         print("\n  The studio is reachable from other machines, so it needs a password.\n"
               f"  user: studio\n  password: {generated}\n", flush=True)
     demo = build_app(ctx)
-    allowed = [str(ctx.workspace.root), *ctx.settings.models_dirs, *ctx.settings.lora_dirs]
+    from starlette.middleware import Middleware
+
+    from ui.auth_gate import AuthGate
+
+    allowed = ctx.roots()
     demo.queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=users,
         inbrowser=not args.no_browser, allowed_paths=allowed, show_error=True, footer_links=[],
-        max_file_size="2gb")
+        max_file_size=os.environ.get("STUDIO_MAX_UPLOAD", "2gb"), app_kwargs={"middleware": [Middleware(AuthGate)]})
     return 0
 
 

@@ -105,3 +105,39 @@ class Workspace:
     checkpoints = property(lambda self: self.root / "outputs" / "checkpoints")
     images = property(lambda self: self.root / "outputs" / "images")
     models = property(lambda self: self.root / "models")  # the tiny demo model and user downloads
+
+
+def hf_token_path() -> Path:
+    return config_dir() / "hf_token"
+
+
+def save_hf_token(token: str) -> Path | None:
+    """Store a Hugging Face token readable by the owner only (mode 0600), or remove it if empty."""
+    p = hf_token_path()
+    token = token.strip()
+    if not token:
+        p.unlink(missing_ok=True)
+        return None
+    p.parent.mkdir(parents=True, exist_ok=True)
+    from studio.fileio import atomic_path
+
+    with atomic_path(p) as tmp:
+        os.chmod(tmp, 0o600)  # before the secret is written, so it is never readable by others
+        tmp.write_text(token + "\n", encoding="utf-8")
+    os.chmod(p, 0o600)
+    return p
+
+
+def load_hf_token() -> str | None:
+    p = hf_token_path()
+    try:
+        return p.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def apply_hf_token() -> None:
+    """Make a stored token visible to huggingface_hub (for gated models) unless one is already set."""
+    token = load_hf_token()
+    if token and not os.environ.get("HF_TOKEN"):
+        os.environ["HF_TOKEN"] = token

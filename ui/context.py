@@ -18,3 +18,13 @@ class AppContext:
     components: dict = field(default_factory=dict)  # cross-tab components, by name (e.g. "inspect_path")
     # Callbacks run once every tab is built, for wiring that crosses tabs (e.g. "open in Inspect").
     on_built: list = field(default_factory=list)
+
+    def roots(self) -> list[str]:
+        """The folders a browser request may read or write: the workspace and the model folders."""
+        return [str(self.workspace.root), *self.settings.models_dirs, *self.settings.lora_dirs]
+
+    def safe_path(self, path, must_exist: bool = False):
+        """Every path typed or sent from a browser goes through here (no .., no symlink out)."""
+        from studio.security import safe_path
+
+        return safe_path(path, self.roots(), must_exist=must_exist)
