@@ -94,6 +94,8 @@ def test_unknown_captioner_and_missing_model_are_clear(tmp_path):
         get_captioner("magic")
     with pytest.raises(StudioError, match="not downloaded yet, and the studio is offline"):
         get_captioner("blip", model="nobody/no-such-blip").load()
+    with pytest.raises(StudioError, match="florence2 model nobody/no-such-florence is not downloaded yet"):
+        get_captioner("florence2", model="nobody/no-such-florence").load()
 
 
 def test_cli_caption_reports_problems_and_exits_0(kohya, capsys):
