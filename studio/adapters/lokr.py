@@ -52,4 +52,4 @@ class LoKr(AdapterKind):
         if w2.ndim == 4:
             w1 = w1[:, :, None, None]
         scale = self.scale({k: v.shape for k, v in t.items()}, alpha)
-        return (torch.kron(w1, w2) * scale).reshape(shape)
+        return (torch.kron(w1.contiguous(), w2.contiguous()) * scale).reshape(shape)
