@@ -85,6 +85,7 @@ class AdapterFile:
     metadata: dict[str, str]
     modules: dict[str, AdapterModule] = field(default_factory=dict)
     unknown_keys: list[str] = field(default_factory=list)
+    renamed: list[tuple[str, str]] = field(default_factory=list)  # (name in the file, webUI name read as)
     family_source: str = ""  # "metadata" | "evidence" | ""
     dtype: str | None = None
     size: int = 0
@@ -222,6 +223,7 @@ def parse_layout(shapes: dict[str, tuple], metadata: dict[str, str]):
     a diffusers file keeps in metadata (alpha); ``unknown`` lists keys no reader maps.
     """
     kohya: dict[str, dict[str, str]] = {}
+    renamed: list[tuple[str, str]] = []
     lyco: dict[str, dict[str, str]] = {}
     diff: dict[tuple[str, str], dict[str, str]] = {}
     unknown = []
@@ -258,7 +260,12 @@ def parse_layout(shapes: dict[str, tuple], metadata: dict[str, str]):
         family = family_from_evidence(provisional)
         source = "evidence" if family else ""
 
-    groups: dict[str, dict[str, str]] = dict(kohya)
+    groups: dict[str, dict[str, str]] = {}
+    for name, g in kohya.items():
+        fixed = normalise_kohya_name(name, family)
+        if fixed != name:
+            renamed.append((name, fixed))
+        groups[fixed] = g
     synth: dict[str, dict[str, torch.Tensor]] = {}
     if lyco:
         cfg = _unet_config_from_paths(km.underscored_unet_to_dotted(n) for n in lyco)
@@ -285,7 +292,24 @@ def parse_layout(shapes: dict[str, tuple], metadata: dict[str, str]):
                     if path == pat or path.endswith("." + pat):
                         alpha = float(val)
                 synth[webui] = {"alpha": torch.tensor(alpha)}
-    return fmt, family, source, groups, unknown, synth
+    return fmt, family, source, groups, unknown, synth, renamed
+
+
+def normalise_kohya_name(name: str, family: str | None) -> str:
+    """Fix names other tools write that webUIs do not map.
+
+    diffusers' ``convert_state_dict_to_kohya`` on a transformers>=5.6 ``CLIPTextModel`` writes
+    ``lora_te1_encoder_layers_...`` (no ``text_model_``), and ``lora_te1_`` even for SD1/SD2.
+    """
+    m = re.match(r"(lora_te[12]?_)(.*)$", name)
+    if not m:
+        return name
+    prefix, rest = m[1], m[2]
+    if rest.startswith("encoder_") or rest.startswith("final_layer_norm") or rest.startswith("embeddings_"):
+        rest = "text_model_" + rest
+    if prefix == "lora_te1_" and family != "sdxl":  # SDXL would have shown a te2 part or SGM names
+        prefix = "lora_te_"
+    return prefix + rest
 
 
 def _sgm_underscored(name: str, cfg: dict) -> str:
@@ -366,11 +390,12 @@ def load_adapter(path) -> "AdapterFile":
         emb = embedding_from_header(header)
         return AdapterFile(format=emb.format, family=emb.family, embedding=emb,
                            family_source="metadata" if family_from_metadata(header.metadata) else "evidence", **base)
-    fmt, family, source, groups, unknown, synth = parse_layout(shapes, header.metadata)
+    fmt, family, source, groups, unknown, synth, renamed = parse_layout(shapes, header.metadata)
     modules = _make_modules(groups, shapes, dtypes, lambda keys: read_tensors(header, keys), synth, unknown)
     if not modules and not unknown and not shapes:
         raise StudioError(f"{p.name} holds no tensors.", "The file is empty; export it again.")
-    return AdapterFile(format=fmt, family=family, family_source=source, modules=modules, unknown_keys=unknown, **base)
+    return AdapterFile(format=fmt, family=family, family_source=source, modules=modules, unknown_keys=unknown,
+                       renamed=renamed, **base)
 
 
 def _load_pickle(p: Path) -> AdapterFile:
@@ -398,8 +423,8 @@ def _load_pickle(p: Path) -> AdapterFile:
                            dtype=_main_dtype([TORCH_TO_ST.get(v.dtype, "") for v in obj.values()]))
     shapes = {k: tuple(v.shape) for k, v in obj.items()}
     dtypes = {k: TORCH_TO_ST.get(v.dtype, "") for k, v in obj.items()}
-    fmt, family, source, groups, unknown, synth = parse_layout(shapes, {})
+    fmt, family, source, groups, unknown, synth, renamed = parse_layout(shapes, {})
     modules = _make_modules(groups, shapes, dtypes, lambda keys: {k: obj[k] for k in keys}, synth, unknown)
     return AdapterFile(path=p, format=fmt + "-pickle", family=family, family_source=source, metadata={},
-                       modules=modules, unknown_keys=unknown, size=p.stat().st_size, n_tensors=len(obj),
+                       modules=modules, unknown_keys=unknown, renamed=renamed, size=p.stat().st_size, n_tensors=len(obj),
                        dtype=_main_dtype(list(dtypes.values())))
