@@ -164,3 +164,24 @@ def test_bad_input_is_a_clear_error_with_exit_2(tmp_path, capsys):
         assert main(["inspect", str(path), "--json"]) == 2, label
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err, (label, err)
+
+
+def test_inspect_tab_builds_and_reports(tmp_path):
+    import gradio as gr
+
+    from studio.adapters import save_adapter
+    from ui import inspect_tab
+    from ui.context import AppContext
+
+    ctx = AppContext(settings=None, workspace=None)
+    with gr.Blocks():
+        with gr.Tabs():
+            with gr.Tab("Inspect", id="inspect"):
+                inspect_tab.build(ctx)
+    assert isinstance(ctx.components["inspect_path"], gr.Textbox)
+    path = save_adapter(tmp_path / "a.safetensors", sdxl_modules(), "sdxl", metadata={"modelspec.trigger_phrase": "ohwx"})
+    md, meta, fig = inspect_tab.run_inspect(str(path))
+    assert "Modules: UNet **2** · TE1 **1** · TE2 **4**" in md and "`ohwx`" in md and "No problems found." in md
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and fig is not None
+    md, meta, fig = inspect_tab.run_inspect(str(tmp_path / "missing.safetensors"))
+    assert md.startswith("**Cannot inspect this file.**") and "does not exist" in md and fig is None
