@@ -79,7 +79,7 @@ def make_context(args):
 
 def main(argv=None) -> int:
     from studio.errors import StudioError
-    from studio.security import decide_auth
+    from studio.security import decide_auth, is_loopback
 
     args = parse_args(argv)
     try:
@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     except StudioError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    ctx.remote = bool(args.share or not is_loopback(args.host))
     if generated:
         print("\n  The studio is reachable from other machines, so it needs a password.\n"
               f"  user: studio\n  password: {generated}\n", flush=True)

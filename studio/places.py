@@ -53,6 +53,7 @@ class Settings:
     workspace: str = ""
     models_dirs: list[str] = field(default_factory=list)  # webUI checkpoint folders
     lora_dirs: list[str] = field(default_factory=list)  # webUI LoRA folders
+    data_dirs: list[str] = field(default_factory=list)  # other folders the browser may open (e.g. photos)
     last_model: str = ""
     precision: str = "auto"  # auto | fp16 | bf16 | fp32
     device: str = "auto"  # auto | cuda | cpu | mps

@@ -203,3 +203,27 @@ def test_share_mode_always_passes_a_password_to_gradio(monkeypatch, capsys):
     from studio.places import Settings
 
     assert seen["allowed_paths"] == [str(Path(Settings.load().workspace_path()).resolve())]
+
+
+def _wired(demo, name):
+    return [f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == name]
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "/etc", "datasets/../../../"])
+def test_dataset_tab_refuses_paths_outside_the_studio(bad, tmp_path):
+    """The handlers as wired in the page (not the studio functions) check every browser path."""
+    import gradio as gr
+
+    import app
+
+    ctx = app.make_context(app.parse_args([]))
+    demo = app.build_app(ctx)
+    calls = {"check": (bad, ""), "gallery": (bad, ""), "tag_rows": (bad, ""), "buckets": (bad, "", 512, 64),
+             "save_caption": (bad + "/x.png", "caption"), "_bring": (None, bad, "Use in place", "")}
+    for name, args in calls.items():
+        fns = _wired(demo, name)
+        assert fns, f"handler {name} not found in the page"
+        for fn in fns:
+            with pytest.raises(gr.Error, match="outside the studio's folders"):
+                fn(*args)
+    assert not (Path("/etc") / "x.txt").exists()

@@ -18,10 +18,14 @@ class AppContext:
     components: dict = field(default_factory=dict)  # cross-tab components, by name (e.g. "inspect_path")
     # Callbacks run once every tab is built, for wiring that crosses tabs (e.g. "open in Inspect").
     on_built: list = field(default_factory=list)
+    # True when the studio is reachable from other machines (share link, LAN address): folder
+    # settings are then read-only in the browser, so a guest cannot widen what the studio may open.
+    remote: bool = False
 
     def roots(self) -> list[str]:
         """The folders a browser request may read or write: the workspace and the model folders."""
-        return [str(self.workspace.root), *self.settings.models_dirs, *self.settings.lora_dirs]
+        s = self.settings
+        return [str(self.workspace.root), *s.models_dirs, *s.lora_dirs, *s.data_dirs]
 
     def safe_path(self, path, must_exist: bool = False):
         """Every path typed or sent from a browser goes through here (no .., no symlink out)."""

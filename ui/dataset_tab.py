@@ -184,7 +184,8 @@ def build(ctx) -> None:
             files = gr.File(file_count="multiple", file_types=["image", ".zip", ".txt"],
                             label="Drop images (with their .txt captions) or one zip")
             with gr.Column():
-                folder = gr.Textbox(label="…or a folder on this computer", placeholder="/path/to/images")
+                folder = gr.Textbox(label="…or a folder on this computer", placeholder="/path/to/images",
+                                    info="It must be inside the workspace or a folder listed in Settings.")
                 mode = gr.Radio(["Copy into the workspace", "Use in place (captions are written into that folder)"],
                                 value="Copy into the workspace", label="How")
                 name = gr.Textbox(label="Name in the workspace (optional)")
@@ -243,25 +244,36 @@ def build(ctx) -> None:
             bucket_btn = gr.Button("Show buckets")
         bucket_out = gr.Markdown()
 
-    # wiring
+    # wiring. Every path that comes from the browser is checked against the studio's folders first.
+    def _paths(fn, n=2):
+        def checked(*args):
+            for p in args[:n]:
+                if p:
+                    ctx.safe_path(p)
+            return fn(*args)
+        checked.__name__ = fn.__name__
+        return checked
+
     def _bring(f, fo, m, n):
+        if fo:
+            ctx.safe_path(fo, must_exist=True)
         target, msg = bring_in(ws, f, fo, m, n)
         return gr.update(choices=dataset_choices(ws), value=target), msg
 
     bring.click(_safe(_bring), [files, folder, mode, name], [dataset, bring_msg])
     rescan.click(lambda: gr.update(choices=dataset_choices(ws)), None, dataset)
-    check_btn.click(_safe(check), [dataset, reg], [check_summary, problems])
+    check_btn.click(_safe(_paths(check)), [dataset, reg], [check_summary, problems])
 
     def _caption(p, r, c, mo, t, cw, ow, bs, progress=gr.Progress(track_tqdm=True)):
         try:  # not wrapped in _safe: gradio finds the progress bar through this signature
-            return caption(p, r, c, mo, t, cw, ow, bs, progress)
+            return _paths(caption)(p, r, c, mo, t, cw, ow, bs, progress)
         except StudioError as err:
             raise gr.Error(str(err)) from err
 
     run.click(_caption, [dataset, reg, captioner, model, trigger, class_word, overwrite, batch], caption_msg)
     stop.click(cancel, None, caption_msg, concurrency_limit=None)
 
-    show.click(_safe(gallery), [dataset, reg], [pics, paths])
+    show.click(_safe(_paths(gallery)), [dataset, reg], [pics, paths])
 
     def _select(ps, evt: gr.SelectData):
         from studio.dataset import read_caption
@@ -270,10 +282,10 @@ def build(ctx) -> None:
         return p, read_caption(Path(p)) if p else ""
 
     pics.select(_select, paths, [selected, text])
-    save.click(_safe(save_caption), [selected, text], edit_msg)
+    save.click(_safe(_paths(save_caption, 1)), [selected, text], edit_msg)
     for button, op in [(b_trigger, "trigger"), (b_replace, "replace"), (b_remove, "remove"), (b_dedupe, "dedupe")]:
-        button.click(_safe(lambda p, r, a, b, f, op=op: bulk(p, r, op, a, b, f)),
+        button.click(_safe(_paths(lambda p, r, a, b, f, op=op: bulk(p, r, op, a, b, f))),
                      [dataset, reg, bulk_a, bulk_b, bulk_flag], edit_msg).then(
-            _safe(tag_rows), [dataset, reg], tags)
-    show.click(_safe(tag_rows), [dataset, reg], tags)
-    bucket_btn.click(_safe(buckets), [dataset, reg, resolution, step], bucket_out)
+            _safe(_paths(tag_rows)), [dataset, reg], tags)
+    show.click(_safe(_paths(tag_rows)), [dataset, reg], tags)
+    bucket_btn.click(_safe(_paths(buckets)), [dataset, reg, resolution, step], bucket_out)

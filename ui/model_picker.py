@@ -14,11 +14,11 @@ def model_choices(ctx) -> list[tuple[str, str]]:
 def build(ctx) -> gr.Dropdown:
     choices = model_choices(ctx)
     default = ctx.settings.last_model if ctx.settings.last_model in [c[1] for c in choices] else choices[0][1]
-    with gr.Row(equal_height=True):
+    with gr.Row():
         picker = gr.Dropdown(choices=choices, value=default, label="Base model", allow_custom_value=True,
                              info="A checkpoint from your webUI folders, a diffusers folder, a hub id "
                                   "(owner/name), or the tiny demo model.", scale=8)
-        refresh = gr.Button("Rescan", scale=1, size="sm")
+        refresh = gr.Button("Rescan", scale=0, size="sm", min_width=90)
 
     def _remember(spec):
         if spec:

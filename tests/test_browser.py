@@ -1,0 +1,92 @@
+"""Real-browser end-to-end tests: Playwright driving Debian's Chromium against the studio started on a
+free port with the tiny demo model. Screenshots of each tab are kept in ``artifacts/screenshots``.
+
+Skipped, with the reason, where Chromium or Playwright is missing (``.ci/run`` installs Chromium).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "artifacts" / "screenshots"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
+
+pytestmark = pytest.mark.browser
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"no Chromium at {CHROMIUM} (install Debian's 'chromium' package)", allow_module_level=True)
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:
+    pytest.skip("the playwright package is not installed (pip install -r requirements-dev.txt)",
+                allow_module_level=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    base = tmp_path_factory.mktemp("browser")
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "STUDIO_CONFIG_DIR": str(base / "cfg"),
+           "STUDIO_CACHE_DIR": str(base / "cache"), "STUDIO_WORKSPACE": str(base / "ws"), "PYTHONUNBUFFERED": "1"}
+    log = open(base / "studio.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--no-browser", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError((base / "studio.log").read_text())
+            time.sleep(0.5)
+    yield {"url": url, "workspace": base / "ws", "log": base / "studio.log"}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def page(studio):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(60_000)
+        pg.goto(studio["url"])
+        yield pg
+        browser.close()
+
+
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_page_shows_five_tabs_and_the_tiny_model(page):
+    for name in ["Dataset", "Train", "Merge", "Generate", "Inspect"]:
+        expect(page.get_by_role("tab", name=name)).to_be_visible()
+    expect(page.get_by_label("Base model")).to_have_value(
+        "[sd1] Tiny demo model (random weights, for trying the studio without a download) - SD1.x")
+    for name in ["Dataset", "Train", "Merge", "Generate", "Inspect"]:
+        open_tab(page, name)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(SHOTS / f"{name.lower()}.png"), full_page=True)
+        assert (SHOTS / f"{name.lower()}.png").stat().st_size > 10_000
