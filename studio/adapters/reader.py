@@ -66,7 +66,7 @@ def tensor_from_bytes(raw: bytes, dtype: str, shape) -> torch.Tensor:
 def read_tensors(header: SafetensorsHeader, keys) -> dict[str, torch.Tensor]:
     """Read just ``keys`` from the file (seek + read of their byte ranges)."""
     out = {}
-    with open(header.path, "rb") as fh:
+    with open(header.path, "rb", buffering=0) as fh:  # unbuffered: read exactly these bytes
         for key in keys:
             info = header.tensors[key]
             start, end = info["data_offsets"]
@@ -364,6 +364,15 @@ def _make_modules(groups, shapes, dtypes, fetch: Callable, synth, unknown) -> di
     return modules
 
 
+def _prefetch_alphas(header: SafetensorsHeader, modules: dict, groups: dict) -> None:
+    """Read every module's 0-dim alpha in one pass (a few bytes each), so inspect needs no more."""
+    keys = {name: groups[name]["alpha"] for name in modules if "alpha" in groups.get(name, {})}
+    values = read_tensors(header, sorted(keys.values(), key=lambda k: header.tensors[k]["data_offsets"][0]))
+    for name, key in keys.items():
+        modules[name]._alpha = float(values[key].float().item())
+        modules[name]._alpha_loaded = True
+
+
 def _main_dtype(dtypes: list[str]) -> str | None:
     c = Counter(d for d in dtypes if d)
     if not c:
@@ -392,6 +401,7 @@ def load_adapter(path) -> "AdapterFile":
                            family_source="metadata" if family_from_metadata(header.metadata) else "evidence", **base)
     fmt, family, source, groups, unknown, synth, renamed = parse_layout(shapes, header.metadata)
     modules = _make_modules(groups, shapes, dtypes, lambda keys: read_tensors(header, keys), synth, unknown)
+    _prefetch_alphas(header, modules, groups)
     if not modules and not unknown and not shapes:
         raise StudioError(f"{p.name} holds no tensors.", "The file is empty; export it again.")
     return AdapterFile(format=fmt, family=family, family_source=source, modules=modules, unknown_keys=unknown,
