@@ -314,10 +314,13 @@ def _weighted(z, weights):
     """A1111 "Original" emphasis: multiply by the weights, then restore the chunk's mean."""
     import torch
 
+    if all(w == 1.0 for w in weights):
+        return z  # what the formula gives, without its 0/0 when the mean is exactly 0
     w = torch.tensor(weights, device=z.device, dtype=z.dtype).reshape(1, -1, 1)
     original_mean = z.mean()
     z = z * w
-    return z * (original_mean / z.mean())
+    new_mean = z.mean()
+    return z * (original_mean / new_mean) if new_mean != 0 else z
 
 
 def _encode_one(te, tokenizer, fragments, embeddings, layer, final_norm, want_pooled):
