@@ -103,3 +103,218 @@ def txt2img(pipe, prompt, negative="", steps=20, cfg=7.0, width=None, height=Non
     finally:
         pipe.scheduler = original
     return list(images)
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole studio path: gate, shared model, adapters, PNGs with infotext.
+
+
+@dataclass
+class AdapterChoice:
+    path: str
+    weight: float = 1.0  # UNet weight (and text-encoder weight unless te_weight is given)
+    te_weight: float | None = None
+
+
+@dataclass
+class GenerateRequest:
+    model: str
+    prompt: str
+    negative: str = ""
+    steps: int = 20
+    cfg: float = 7.0
+    width: int | None = None
+    height: int | None = None
+    seed: int = -1  # -1: random
+    sampler: str = "Euler a"
+    clip_skip: int = 1
+    batch: int = 1
+    adapters: list[AdapterChoice] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)  # files; the token is the file stem
+    out_dir: str | None = None  # default: the workspace images folder
+    out_file: str | None = None  # exact path for the first image (CLI --out)
+    save: bool = True
+    device: str | None = None
+    dtype: object = None
+
+
+@dataclass
+class GenerateResult:
+    images: list
+    paths: list[Path]
+    infotexts: list[str]
+    seeds: list[int]
+    warnings: list[str]
+    seconds: float
+
+
+_ADAPTERS: dict[tuple, object] = {}  # (path, size, mtime) -> AdapterFile: re-reading a file is skipped
+
+
+def _read_adapter(path: str):
+    from studio.adapters import load_adapter
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise StudioError(f"Adapter file not found: {path}", "Check the path, or pick the file again.")
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _ADAPTERS:
+        if len(_ADAPTERS) > 16:
+            _ADAPTERS.pop(next(iter(_ADAPTERS)))
+        _ADAPTERS[key] = load_adapter(p)
+    return _ADAPTERS[key]
+
+
+def lora_search_dirs() -> list[Path]:
+    from studio.places import Settings, Workspace
+
+    settings = Settings.load()
+    return [Workspace(settings.workspace_path()).loras, *map(Path, settings.lora_dirs)]
+
+
+def find_lora(name: str, extra: list[Path] = ()) -> Path:
+    """The file a ``<lora:name:w>`` tag means: ``name.safetensors`` in the given files' folders,
+    the workspace's LoRA folder or the webUI LoRA folders of Settings (searched recursively)."""
+    for folder in [*extra, *lora_search_dirs()]:
+        if not folder.is_dir():
+            continue
+        for suffix in (".safetensors", ".pt", ".ckpt"):
+            direct = folder / f"{name}{suffix}"
+            if direct.is_file():
+                return direct
+        for hit in folder.rglob(f"{name}.safetensors"):
+            return hit
+    raise StudioError(f"<lora:{name}:...> in the prompt names no LoRA file the studio can find.",
+                      "Put the file in the workspace's outputs/loras folder or a LoRA folder listed in Settings, "
+                      "or add it in the adapter list.")
+
+
+def _cached_hash(path: Path, kind: str) -> str:
+    """A1111's short hashes, cached by (path, size, mtime): 'model' = sha256 of the file, 10 hex;
+    'lora' = sha256 after the safetensors header (addnet hash), 12 hex; 'ti' = sha256 of the file, 12 hex."""
+    import json
+
+    from studio.fileio import atomic_write_json, file_sha256, sshs_hashes
+    from studio.places import cache_dir
+
+    st = path.stat()
+    key = f"{kind}|{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    store = cache_dir() / "hashes.json"
+    try:
+        known = json.loads(store.read_text()) if store.exists() else {}
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        if kind == "lora" and path.suffix == ".safetensors":
+            known[key] = sshs_hashes(path)[0][:12]
+        else:
+            known[key] = file_sha256(path)[: 10 if kind == "model" else 12]
+        atomic_write_json(store, known)
+    return known[key]
+
+
+def _model_name_and_hash(source) -> tuple[str, str]:
+    if source.kind == "single_file" and source.path is not None and Path(source.spec).is_file():
+        return Path(source.spec).stem, _cached_hash(Path(source.spec), "model")
+    return source.name, ""
+
+
+def _out_dir(request: GenerateRequest) -> Path:
+    if request.out_dir:
+        return Path(request.out_dir).expanduser()
+    from studio.places import Settings, Workspace
+
+    return Workspace(Settings.load().workspace_path()).ensure().images
+
+
+def _next_paths(folder: Path, n: int, seed: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = [int(p.name.split("-", 1)[0]) for p in folder.glob("*.png") if p.name.split("-", 1)[0].isdigit()]
+    start = max(existing, default=-1) + 1
+    return [folder / f"{start + i:05d}-{seed + i}.png" for i in range(n)]
+
+
+def resolve_adapters(request: GenerateRequest) -> tuple[str, list, list[str], dict[str, str]]:
+    """Prompt without tags, the stack (list card + tags), warnings, and {name: lora hash}."""
+    from studio.generate.apply import StackEntry
+    from studio.generate.prompt import extract_network_tags, lora_tag, prompt_warnings
+
+    clean, tags, warnings = extract_network_tags(request.prompt)
+    warnings += prompt_warnings(clean)
+    entries, hashes, tag_text = [], {}, []
+    listed_dirs = []
+    for choice in request.adapters:
+        f = _read_adapter(choice.path)
+        name = Path(choice.path).stem
+        listed_dirs.append(Path(choice.path).expanduser().parent)
+        entries.append(StackEntry(f, choice.weight, choice.te_weight, name))
+        tag_text.append(lora_tag(name, choice.weight if choice.te_weight is None else choice.te_weight,
+                                 choice.weight))
+    for tag in tags:
+        path = find_lora(tag.name, listed_dirs)
+        entries.append(StackEntry(_read_adapter(str(path)), tag.unet, tag.te, tag.name))
+    for e in entries:
+        if e.adapter.kind == "embedding":
+            raise StudioError(f"{e.name} is a textual-inversion embedding, not a LoRA.",
+                              "Add it as an embedding and write its name in the prompt.")
+        if e.name not in hashes:
+            hashes[e.name] = _cached_hash(Path(e.adapter.path), "lora")
+    # the prompt written to the PNG carries a tag per listed adapter, so a webUI applies them too
+    infotext_prompt = request.prompt + ("".join(" " + t for t in tag_text) if tag_text else "")
+    return infotext_prompt, entries, warnings, hashes
+
+
+def generate(request: GenerateRequest, callback: Callable[[int, int], None] | None = None,
+             cancel: threading.Event | None = None) -> GenerateResult:
+    """Generate with the shared base model and the request's adapters; save PNGs with infotext."""
+    from studio.adapters import load_embedding
+    from studio.generate.apply import stack_for
+    from studio.generate.infotext import GenerationParams, format_infotext, save_png
+    from studio.generate.samplers import normalize
+    from studio.jobs import GPU
+    from studio.models.loader import MODELS
+
+    t0 = time.time()
+    sampler = normalize(request.sampler)
+    infotext_prompt, entries, warnings, lora_hashes = resolve_adapters(request)
+    embeddings, ti_hashes = {}, {}
+    for path in request.embeddings:
+        emb = load_embedding(path)
+        embeddings[emb.name] = emb.vectors
+        ti_hashes[emb.name] = _cached_hash(Path(path), "ti")
+    seed = resolve_seed(request.seed)
+    with GPU.job("generate", (request.prompt or "(empty prompt)")[:40]):
+        loaded = MODELS.get(request.model, request.device, request.dtype)
+        pipe = loaded.pipe
+        stack = stack_for(pipe)
+        try:
+            report = stack.set(entries)
+            for name, missing in report.unmatched.items():
+                warnings.append(f"{name}: {len(missing)} module(s) not in this model were skipped "
+                                f"(e.g. {missing[0]}).")
+            images = txt2img(pipe, request.prompt, request.negative, request.steps, request.cfg, request.width,
+                             request.height, seed, sampler, request.clip_skip, request.batch, callback, cancel,
+                             embeddings)
+        finally:
+            # the model is shared with every tab: never leave adapters merged into it
+            stack.clear()
+    model_name, model_hash = _model_name_and_hash(loaded.source)
+    width, height = images[0].size
+    infotexts, paths = [], []
+    for i in range(len(images)):
+        params = GenerationParams(prompt=infotext_prompt, negative=request.negative, steps=request.steps,
+                                  sampler=sampler, cfg=request.cfg, seed=seed + i, width=width, height=height,
+                                  clip_skip=request.clip_skip, model=model_name, model_hash=model_hash,
+                                  lora_hashes=lora_hashes, ti_hashes=ti_hashes)
+        infotexts.append(format_infotext(params))
+    if request.save:
+        if request.out_file:
+            out = Path(request.out_file).expanduser()
+            paths = [out] + [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(1, len(images))]
+        else:
+            paths = _next_paths(_out_dir(request), len(images), seed)
+        for image, text, path in zip(images, infotexts, paths):
+            save_png(image, path, text)
+    return GenerateResult(images, paths, infotexts, [seed + i for i in range(len(images))], warnings,
+                          time.time() - t0)
