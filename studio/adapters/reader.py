@@ -261,8 +261,18 @@ def parse_layout(shapes: dict[str, tuple], metadata: dict[str, str]):
         source = "evidence" if family else ""
 
     groups: dict[str, dict[str, str]] = {}
+    # diffusers' convert_state_dict_to_kohya keeps diffusers block names for an SDXL UNet
+    # (lora_unet_down_blocks_...), which A1111 cannot map: read them as their SGM names.
+    diffusers_named = [n for n in kohya if family == "sdxl" and n.startswith(_DIFFUSERS_UNET_PREFIXES)]
+    sdxl_cfg = _unet_config_from_paths(km.underscored_unet_to_dotted(n[len("lora_unet_"):]) for n in diffusers_named)
     for name, g in kohya.items():
         fixed = normalise_kohya_name(name, family)
+        if name in diffusers_named:
+            try:
+                fixed = "lora_unet_" + _sgm_underscored(name[len("lora_unet_"):], sdxl_cfg)
+            except KeyError:
+                unknown.extend(g.values())
+                continue
         if fixed != name:
             renamed.append((name, fixed))
         groups[fixed] = g
@@ -293,6 +303,9 @@ def parse_layout(shapes: dict[str, tuple], metadata: dict[str, str]):
                         alpha = float(val)
                 synth[webui] = {"alpha": torch.tensor(alpha)}
     return fmt, family, source, groups, unknown, synth, renamed
+
+
+_DIFFUSERS_UNET_PREFIXES = ("lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_")
 
 
 def normalise_kohya_name(name: str, family: str | None) -> str:
