@@ -353,4 +353,5 @@ class TextCache:
 def latent_cache_dir() -> Path:
     from studio.places import cache_dir
 
-    return Path(os.environ.get("STUDIO_LATENT_CACHE", "")) or cache_dir() / "latents"
+    env = os.environ.get("STUDIO_LATENT_CACHE")
+    return Path(env) if env else cache_dir() / "latents"  # (Path("") would be the current folder)
