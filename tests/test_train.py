@@ -342,7 +342,9 @@ def test_accelerate_launch_two_processes_writes_one_output(dataset, tiny_sd1, tm
     cfg_file = tmp_path / "cfg.json"
     run = tmp_path / "ddp"
     cfg_file.write_text(json.dumps(cfg_for(tiny_sd1, dataset, run, max_train_steps=4, batch_size=1).to_dict()))
-    proc = subprocess.run([str(accelerate), "launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # accelerate 1.15 runs `launch --cpu --num_processes 2` as ONE process unless given an mpirun hostfile;
+    # `--multi_gpu` on a CPU-only machine starts 2 torchrun workers that train data-parallel over gloo.
+    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "studio", "train",
                            str(cfg_file), "--no-progress"],
                           cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
