@@ -15,6 +15,14 @@ import sys
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
+
+def _uploads_dir() -> str:
+    """Where Gradio keeps uploaded files: a known folder under the studio's cache, so it can be the
+    one place outside the workspace that browser paths may point at (the user's own uploads)."""
+    from studio.places import cache_dir
+
+    return str(cache_dir() / "uploads")
+
 TABS = [("Dataset", "ui.dataset_tab"), ("Train", "ui.train_tab"), ("Merge", "ui.merge_tab"),
         ("Generate", "ui.generate_tab"), ("Inspect", "ui.inspect_tab")]
 
@@ -35,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_app(ctx):
     import importlib
+
+    os.environ.setdefault("GRADIO_TEMP_DIR", _uploads_dir())
 
     import gradio as gr
 

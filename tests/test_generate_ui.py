@@ -18,8 +18,10 @@ def test_generate_tab_builds_and_shows_gpu_busy(tmp_path):
     assert generate_tab._gpu_line() == "GPU free."
     with GPU.job("train", "run foo"):
         assert generate_tab._gpu_line().startswith("GPU busy: train 'run foo'")
+    a, b = ctx.workspace.loras / "a.safetensors", ctx.workspace.loras / "b.safetensors"
+    a.write_bytes(b"x")
+    b.write_bytes(b"x")
     req = generate_tab._request(ctx, "tiny:sd1", "p", "", "Euler a", 2, 7, 64, 64, 1, 1, 1, [],
-                                "a.safetensors", 0.8, 0.3, True, "b.safetensors", 0.5, 1.0, False,
+                                str(a), 0.8, 0.3, True, "outputs/loras/b.safetensors", 0.5, 1.0, False,
                                 None, 1, 1, False, "", 1, 1, False)
-    assert [(a.path, a.weight, a.te_weight) for a in req.adapters] == [("a.safetensors", 0.8, 0.3),
-                                                                     ("b.safetensors", 0.5, None)]
+    assert [(x.path, x.weight, x.te_weight) for x in req.adapters] == [(str(a), 0.8, 0.3), (str(b), 0.5, None)]

@@ -202,7 +202,10 @@ def test_share_mode_always_passes_a_password_to_gradio(monkeypatch, capsys):
     # allowed_paths are exactly the studio's roots
     from studio.places import Settings
 
-    assert seen["allowed_paths"] == [str(Path(Settings.load().workspace_path()).resolve())]
+    from studio.places import cache_dir
+
+    assert seen["allowed_paths"] == [str(Path(Settings.load().workspace_path()).resolve()),
+                                     str(cache_dir() / "uploads")]
 
 
 def _wired(demo, name):
@@ -227,3 +230,33 @@ def test_dataset_tab_refuses_paths_outside_the_studio(bad, tmp_path):
             with pytest.raises(gr.Error, match="outside the studio's folders"):
                 fn(*args)
     assert not (Path("/etc") / "x.txt").exists()
+
+
+def test_inspect_and_generate_tabs_refuse_paths_outside_the_studio():
+    import gradio as gr
+
+    import app
+    from ui.generate_tab import MAX_ADAPTERS
+
+    ctx = app.make_context(app.parse_args([]))
+    demo = app.build_app(ctx)
+    inspect = _wired(demo, "checked_inspect")[0]
+    md, meta, fig = inspect("../../etc/passwd", False)
+    assert "outside the studio's folders" in md and meta == {}
+    run = _wired(demo, "_run")[0]
+    adapters = ["/etc/passwd", 1.0, 1.0, False] + [None, 1.0, 1.0, False] * (MAX_ADAPTERS - 1)
+    values = ["tiny:sd1", "a dog", "", "Euler a", 1, 7, 64, 64, 0, 1, 1, [], *adapters]
+    with pytest.raises(gr.Error, match="outside the studio's folders"):
+        run("(none)", "", "(none)", "", *values)
+    values = ["tiny:sd1", "a dog", "", "Euler a", 1, 7, 64, 64, 0, 1, 1, ["../../../etc/hosts"],
+              *([None, 1.0, 1.0, False] * MAX_ADAPTERS)]
+    with pytest.raises(gr.Error, match="outside the studio's folders"):
+        run("(none)", "", "(none)", "", *values)
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "sub/../../x", "*", ".hidden"])
+def test_lora_tags_cannot_name_paths(name):
+    from studio.generate.engine import find_lora
+
+    with pytest.raises(StudioError, match="not a LoRA name"):
+        find_lora(name)

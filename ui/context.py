@@ -24,8 +24,11 @@ class AppContext:
 
     def roots(self) -> list[str]:
         """The folders a browser request may read or write: the workspace and the model folders."""
+        import os
+
         s = self.settings
-        return [str(self.workspace.root), *s.models_dirs, *s.lora_dirs, *s.data_dirs]
+        uploads = [os.environ["GRADIO_TEMP_DIR"]] if os.environ.get("GRADIO_TEMP_DIR") else []
+        return [str(self.workspace.root), *s.models_dirs, *s.lora_dirs, *s.data_dirs, *uploads]
 
     def safe_path(self, path, must_exist: bool = False):
         """Every path typed or sent from a browser goes through here (no .., no symlink out)."""

@@ -43,11 +43,13 @@ def _request(ctx, model, prompt, negative, sampler, steps, cfg, width, height, s
     for i in range(MAX_ADAPTERS):
         path, unet_w, te_w, separate = adapter_values[4 * i: 4 * i + 4]
         if path:
+            path = str(ctx.safe_path(path, must_exist=True))  # from the browser: only the studio's folders
             adapters.append(AdapterChoice(path, float(unet_w), float(te_w) if separate else None))
+    embeds = [str(ctx.safe_path(e, must_exist=True)) for e in (embeds or []) if e]
     return GenerateRequest(model=model, prompt=prompt or "", negative=negative or "", steps=int(steps),
                            cfg=float(cfg), width=int(width), height=int(height), seed=int(seed),
                            sampler=sampler, clip_skip=int(clip_skip), batch=int(batch), adapters=adapters,
-                           embeddings=[e for e in (embeds or []) if e],
+                           embeddings=embeds,
                            out_dir=str(ctx.workspace.images))
 
 
@@ -128,7 +130,7 @@ def build(ctx) -> None:
         if not path:
             return [gr.update()] * 10
         try:
-            p = read_image_params(path)
+            p = read_image_params(ctx.safe_path(path, must_exist=True))
         except StudioError as err:
             raise gr.Error(str(err)) from None
         return (p.prompt, p.negative, p.sampler if p.sampler in SAMPLERS else gr.update(), p.steps, p.cfg,

@@ -90,6 +90,16 @@ def build(ctx) -> None:
     with gr.Accordion("All metadata", open=False):
         meta = gr.JSON()
     ctx.components["inspect_path"] = path
+    def checked_inspect(p, d):
+        from studio.errors import StudioError
+
+        try:
+            if p:
+                ctx.safe_path(p)  # a path from the browser: only inside the studio's folders
+        except StudioError as err:
+            return f"**Cannot inspect this file.** {err.message}" + (f"\n\n{err.fix}" if err.fix else ""), {}, None
+        return run_inspect(p, d)
+
     upload.upload(lambda f: f, upload, path)
-    path.change(run_inspect, [path, deep], [summary, meta, plot])
-    go.click(run_inspect, [path, deep], [summary, meta, plot])
+    path.change(checked_inspect, [path, deep], [summary, meta, plot])
+    go.click(checked_inspect, [path, deep], [summary, meta, plot])

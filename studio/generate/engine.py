@@ -176,6 +176,11 @@ def lora_search_dirs() -> list[Path]:
 def find_lora(name: str, extra: list[Path] = ()) -> Path:
     """The file a ``<lora:name:w>`` tag means: ``name.safetensors`` in the given files' folders,
     the workspace's LoRA folder or the webUI LoRA folders of Settings (searched recursively)."""
+    if not name or any(c in name for c in "/\\*?[") or name.startswith(".") or ".." in name:
+        # A tag names a file by its stem, as in the webUIs; anything path-like could reach outside
+        # the LoRA folders (a prompt can come from a pasted PNG or a guest on a share link).
+        raise StudioError(f"<lora:{name}:...> is not a LoRA name.",
+                          "Use the file's name without folder or extension, e.g. <lora:my_style:0.8>.")
     for folder in [*extra, *lora_search_dirs()]:
         if not folder.is_dir():
             continue
@@ -183,7 +188,7 @@ def find_lora(name: str, extra: list[Path] = ()) -> Path:
             direct = folder / f"{name}{suffix}"
             if direct.is_file():
                 return direct
-        for hit in folder.rglob(f"{name}.safetensors"):
+        for hit in sorted(folder.rglob(f"{name}.safetensors")):
             return hit
     raise StudioError(f"<lora:{name}:...> in the prompt names no LoRA file the studio can find.",
                       "Put the file in the workspace's outputs/loras folder or a LoRA folder listed in Settings, "
