@@ -6,6 +6,11 @@ optional min-SNR-gamma weighting and noise offset, SDXL ``add_time_ids``; adapte
 configs injected into the UNet (and the text encoders when they train). Accelerate handles the
 device, mixed precision and multi-process data parallelism; only the main process writes.
 
+Methods: the peft adapters (lora, locon, loha, lokr, dora, dreambooth-lora) train adapter weights;
+``ti`` trains new embedding rows (``studio.train.ti``); ``dreambooth`` trains the UNet itself (and
+optionally the text encoders). The DreamBooth parts (instance / class prompts, class images, the
+instance + prior loss, the single-file checkpoint) live in ``studio.train.dreambooth``.
+
 Stop requests (SIGINT / SIGTERM via ``request_stop()``, or a ``cancel`` file in the run folder)
 are honoured between steps: the checkpoint and the adapter so far are saved, then it returns.
 """
@@ -21,9 +26,10 @@ import time
 from pathlib import Path
 
 from studio.errors import StudioError
-from studio.train.config import METHODS_NEXT, TrainConfig
+from studio.train.config import ADAPTER_METHODS, TrainConfig
 
 CANCEL_FILE = "cancel"
+EMA_FILE = "ema.pt"  # in a checkpoint folder: the EMA of the UNet (method dreambooth with ema)
 UNET_ATTN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 UNET_CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
@@ -50,7 +56,7 @@ def peft_config(cfg: TrainConfig, component: str):
     if conv and (conv_rank != cfg.rank or conv_alpha != cfg.alpha):
         patterns = {t: conv_rank for t in UNET_CONV_TARGETS}
     alpha_patterns = {t: conv_alpha for t in UNET_CONV_TARGETS} if patterns else {}
-    if cfg.method in ("lora", "locon", "dora"):
+    if cfg.method in ("lora", "locon", "dora", "dreambooth-lora"):
         return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.dropout,
                           use_dora=cfg.method == "dora", rank_pattern=patterns, alpha_pattern=alpha_patterns)
     if cfg.method == "loha":
@@ -156,9 +162,6 @@ def new_run_dir(cfg: TrainConfig) -> Path:
 def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bool = False,
           progress: bool = False) -> Path:
     """Run (or resume) training; returns the path of the adapter written."""
-    if cfg.method in METHODS_NEXT:
-        raise StudioError(f"Method {cfg.method!r} is planned but not implemented yet.",
-                          "Use lora, locon, loha, lokr or dora for now.")
     import torch
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list
@@ -209,6 +212,13 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
 
     from studio.models.family import base_family
     from studio.models.loader import load_pipeline
+    from studio.train import dreambooth as db
+    from studio.train import ti
+
+    method = cfg.method
+    uses_adapters = method in ADAPTER_METHODS or method == "dreambooth-lora"
+    full_finetune = method == "dreambooth"
+    unet_trains = cfg.train_unet and method != "ti"
 
     # -- 1. seeds, base model ------------------------------------------------------------
     random.seed(cfg.seed)
@@ -228,9 +238,27 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
     for m in [unet, vae, *text_encoders]:
         m.requires_grad_(False)
+    new_rows = ti.add_tokens(cfg, tokenizers, text_encoders) if method == "ti" else []
+    save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
+    base_file = None  # the untouched base as one file, for extracting a LoRA from the fine-tune
+    if full_finetune and cfg.extract_lora_rank and main:
+        base_file = db.base_file_for_extraction(run_dir, pipe, family, loaded.source, save_dtype)
 
     # -- 2. data: entries, buckets, batch order ------------------------------------------
     entries, dataset = data.build_entries(cfg)
+    if method.startswith("dreambooth"):
+        for e in entries:
+            e.caption = cfg.instance_prompt
+    class_entries, class_pool, n_class = [], {}, 0
+    if db.prior_preservation(cfg):
+        with acc.main_process_first():
+            paths, generated, folder = db.ensure_class_images(cfg, pipe, loaded.source, family, device, main)
+        n_class = len(paths)
+        class_pool = db.class_pool(paths, cfg, {e.bucket for e in entries}, len(entries))
+        class_entries = [e for pool in class_pool.values() for e in pool]
+        events.emit("info", message=f"class images: {len(paths)} in {folder} ({generated} generated, "
+                    f"{len(paths) - generated} reused)", class_images_dir=str(folder),
+                    class_images_generated=generated, class_images_reused=len(paths) - generated)
     order = data.BatchOrder(entries, cfg.batch_size, cfg.seed, world, rank)
     steps_per_epoch = order.steps_per_epoch(cfg.gradient_accumulation_steps)
 
@@ -240,24 +268,28 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
     if cfg.cache_latents:
         latents = data.LatentCache(vae, data.latent_cache_dir(), device)
         with acc.main_process_first():
-            encoded = latents.fill(entries)
-        events.emit("info", message=f"latents cached: {len(entries)} images, {encoded} encoded, "
-                    f"{len(entries) - encoded} from the disk cache")
+            encoded = latents.fill(entries + class_entries)
+        n_images = len(entries) + len(class_entries)
+        events.emit("info", message=f"latents cached: {n_images} images, {encoded} encoded, "
+                    f"{n_images - encoded} from the disk cache")
         if cfg.offload_frozen:
             vae.to("cpu")
 
-    # -- 4. text encoders: trained (adapters), or frozen with cached outputs -------------
-    train_te = cfg.train_text_encoder
+    # -- 4. text encoders: trained (adapters, new TI rows, or whole), or frozen with cached outputs
+    train_te = cfg.train_text_encoder or method == "ti"
     for te in text_encoders:
         te.to(device, dtype=torch.float32 if train_te else weight_dtype)
     if train_te:
-        for i, te in enumerate(text_encoders):
-            inject_adapter_in_model(peft_config(cfg, "text_encoder"), te, adapter_name="default")
+        for te in text_encoders:
+            if uses_adapters:
+                inject_adapter_in_model(peft_config(cfg, "text_encoder"), te, adapter_name="default")
+            elif full_finetune:
+                te.requires_grad_(True)
             te.train()
     text_cache = None
     if not train_te and cfg.cache_text_encoder_outputs and not cfg.shuffle_tags:
         text_cache = data.TextCache()
-        captions = [e.caption for e in entries] + ([""] if cfg.caption_dropout else [])
+        captions = [e.caption for e in entries + class_entries] + ([""] if cfg.caption_dropout else [])
         text_cache.fill(captions, lambda c: data.encode_prompts(text_encoders, tokenizers, c, cfg.clip_skip, device))
         if cfg.offload_frozen:
             for te in text_encoders:
@@ -270,8 +302,10 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
             raise StudioError("Config key 'fp8_base' needs a CUDA GPU and a PyTorch with float8 support.",
                               "Set fp8_base to false.")
         unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
-    if cfg.train_unet:
+    if unet_trains and uses_adapters:
         inject_adapter_in_model(peft_config(cfg, "unet"), unet, adapter_name="default")
+    elif unet_trains and full_finetune:
+        unet.requires_grad_(True)
     for m in [unet, *(text_encoders if train_te else [])]:
         for p in m.parameters():
             if p.requires_grad:
@@ -285,7 +319,7 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
 
     unet.set_attn_processor(AttnProcessor2_0())  # PyTorch SDPA
     unet.train()
-    trained = {"unet": unet} if cfg.train_unet else {}
+    trained = {"unet": unet} if unet_trains else {}
     if train_te:
         trained.update({"text_encoder": text_encoders[0]} | ({"text_encoder_2": text_encoders[1]} if is_xl else {}))
 
@@ -293,7 +327,7 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
         return {f"{name}.{k}": p for name, m in trained.items() for k, p in m.named_parameters() if p.requires_grad}
 
     groups = []
-    if cfg.train_unet:
+    if unet_trains:
         groups.append({"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.unet_learning_rate})
     if train_te:
         groups.append({"params": [p for te in text_encoders for p in te.parameters() if p.requires_grad],
@@ -312,6 +346,12 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
     w_unet = wrapped.get("unet", unet)
     w_tes = [wrapped.get("text_encoder", text_encoders[0])] + (
         [wrapped.get("text_encoder_2", text_encoders[1])] if is_xl else [])
+    ema = None
+    if cfg.ema and unet_trains:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay)
+        ema.to(device)
 
     # -- 6. RNGs and resume --------------------------------------------------------------
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)  # noise, timesteps (CPU: same on any device)
@@ -333,6 +373,9 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
                 p.copy_(state["trainable"][k])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(torch.load(last / EMA_FILE, map_location="cpu", weights_only=True))
+            ema.to(device)
         if state["scaler"] is not None and acc.scaler is not None:
             acc.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng(state["rng"], state["state"]["rng"], gen, cap_rng)
@@ -341,8 +384,12 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
         events.emit("info", message=f"resumed from {last.name}", step=step)
 
     # -- 7. one training batch -> loss -----------------------------------------------------
+    def caption_of(e) -> str:
+        caption = data.process_caption(e.caption, cap_rng, cfg)
+        return ti.expand(caption, cfg.token, cfg.num_vectors, prepend=True) if method == "ti" else caption
+
     def conditioning(batch_entries, tes, grad: bool):
-        captions = [data.process_caption(e.caption, cap_rng, cfg) for e in batch_entries]
+        captions = [caption_of(e) for e in batch_entries]
         if text_cache is not None:
             hidden, pooled = text_cache.get(captions)
         else:
@@ -359,7 +406,11 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
             dist = vae.encode(torch.stack(pix).to(device, dtype=vae.dtype)).latent_dist
         return (dist.mode() * vae.config.scaling_factor).float(), list(crops)
 
-    def loss_on(batch_entries, model, tes, noise_gen, grad=True):
+    def loss_on(batch_entries, model, tes, noise_gen, grad=True, prior=()):
+        """(loss, parts): the weighted mean over the batch, or with DreamBooth class entries in
+        ``prior`` (one forward for both) instance + prior_loss_weight * prior, each from its half."""
+        n_instance = len(batch_entries)
+        batch_entries = list(batch_entries) + list(prior)
         lat, crops = batch_latents(batch_entries)
         hidden, pooled = conditioning(batch_entries, tes, grad and train_te)
         b = lat.shape[0]
@@ -381,8 +432,11 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
             snr = compute_snr(noise_scheduler, t)
             clipped = torch.clamp(snr, max=cfg.min_snr_gamma)
             loss = loss * (clipped / (snr + 1) if prediction == "v_prediction" else clipped / snr)
+        if prior:
+            total, instance, prior_term = db.split_loss(loss, n_instance, cfg.prior_loss_weight)
+            return total, {"loss_instance": instance.item(), "loss_prior": prior_term.item()}
         weights = torch.tensor([e.weight for e in batch_entries], device=device)
-        return (loss * weights).mean()
+        return (loss * weights).mean(), {}
 
     # A fixed evaluation batch (same images, noise and timesteps every time): its loss should fall.
     by_bucket: dict = {}
@@ -394,19 +448,38 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
         saved_state = cap_rng.getstate()
         with torch.no_grad():
             value = loss_on(eval_entries, acc.unwrap_model(w_unet), text_encoders,
-                            torch.Generator().manual_seed(cfg.seed + 7919), grad=False).item()
+                            torch.Generator().manual_seed(cfg.seed + 7919), grad=False)[0].item()
         cap_rng.setstate(saved_state)
         return value
 
     # -- 8. saving: checkpoints, samples, the adapter ------------------------------------
-    metadata_base = _metadata(cfg, loaded, dataset, entries, steps_per_epoch, started)
+    metadata_base = _metadata(cfg, loaded, dataset, entries, steps_per_epoch, started, n_class)
 
     def save_adapter(path: Path, at_step: int) -> Path:
+        """The run's result so far: an adapter, an embedding (ti) or a checkpoint (dreambooth)."""
         meta = dict(metadata_base, ss_steps=str(at_step), ss_epoch=str(at_step // steps_per_epoch + 1),
                     ss_training_finished_at=str(time.time()))
+        if method == "ti":
+            return ti.save(path, new_rows, family, cfg, at_step, loaded.source.name, save_dtype)
+        if full_finetune:
+            meta = {k: v for k, v in meta.items() if not k.startswith(("ss_network", "modelspec."))}
+            with ema_weights():
+                return db.save_checkpoint_file(path, pipe, family, loaded.source, save_dtype, meta)
         models = {n: acc.unwrap_model(m) for n, m in wrapped.items()}
-        save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[cfg.save_dtype]
         return export_adapter(path, models, family, meta, save_dtype)
+
+    @contextlib.contextmanager
+    def ema_weights():
+        """Swap the EMA weights into the UNet for a save, then put the trained ones back."""
+        if ema is None:
+            yield
+            return
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+        try:
+            yield
+        finally:
+            ema.restore(unet.parameters())
 
     def save_checkpoint(at_step: int) -> Path | None:
         rng_t, rng_js = ckpt.capture_rng(gen, cap_rng)
@@ -417,9 +490,10 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
             orders = gather_object([order.state()])
         if not main:
             return None
+        extra = {EMA_FILE: lambda p: torch.save(ema.state_dict(), p)} if ema is not None else None
         path = ckpt.save_checkpoint(run_dir, at_step, trainable_state(), optimizer, lr_scheduler, acc.scaler,
                                     rng_t, {"rng": rng_js, "order": orders if world > 1 else orders[0]},
-                                    keep=cfg.keep_checkpoints)
+                                    keep=cfg.keep_checkpoints, extra_files=extra)
         events.emit("checkpoint", step=at_step, path=str(path))
         return path
 
@@ -437,6 +511,8 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
             m.to(device)
         paths = []
         for i, prompt in enumerate(cfg.sample_prompts):
+            if method == "ti":  # the token's N vectors are N tokens
+                prompt = ti.expand(prompt, cfg.token, cfg.num_vectors)
             image = txt2img(pipe, prompt, negative=cfg.sample_negative, steps=cfg.sample_steps, cfg=cfg.sample_cfg,
                             width=cfg.sample_width or cfg.resolution, height=cfg.sample_height or cfg.resolution,
                             seed=cfg.sample_seed + i, sampler=cfg.sample_sampler, clip_skip=cfg.clip_skip)
@@ -453,7 +529,7 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
         events.emit("sample", step=at_step, paths=paths, prompts=list(cfg.sample_prompts))
 
     # -- 9. the loop -------------------------------------------------------------------------
-    output = run_dir / f"{cfg.output_name}.safetensors"
+    output = run_dir / f"{cfg.token if method == 'ti' else cfg.output_name}.safetensors"
     start_step = step
     first_eval = eval_loss() if main else None
     events.emit("start", step=step, max_train_steps=cfg.max_train_steps, family=family, method=cfg.method,
@@ -469,17 +545,28 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
     cancelled = False
     while step < cfg.max_train_steps:
         # one optimizer step = gradient_accumulation_steps micro-batches (per process)
-        total = 0.0
+        total, parts = 0.0, {}
         for micro in range(cfg.gradient_accumulation_steps):
             batch = [entries[i] for i in order.next()]
+            prior = db.class_batch(class_pool, batch[0].bucket, len(batch), cfg.seed, step, micro, rank) \
+                if class_pool else ()
             last = micro == cfg.gradient_accumulation_steps - 1
             with contextlib.nullcontext() if last else acc.no_sync(w_unet):
-                loss = loss_on(batch, w_unet, w_tes, gen) / cfg.gradient_accumulation_steps
+                loss, got = loss_on(batch, w_unet, w_tes, gen, prior=prior)
+                loss = loss / cfg.gradient_accumulation_steps
                 acc.backward(loss)
             total += loss.detach().item()
+            for k, v in got.items():
+                parts[k] = parts.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+        for rows in new_rows:  # TI: only the new rows' gradients count
+            rows.mask_gradient()
         if cfg.max_grad_norm:
             acc.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm)
         optimizer.step()
+        for rows in new_rows:  # TI: undo the weight decay on every other row
+            rows.restore()
+        if ema is not None:
+            ema.step(unet.parameters())
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -487,7 +574,7 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
         now = time.perf_counter()
         it_s = (step - n_last) / max(now - t_last, 1e-9)
         t_last, n_last = now, step
-        events.emit("step", step=step, epoch=order.epoch, loss=round(total, 6),
+        events.emit("step", step=step, epoch=order.epoch, loss=round(total, 6), **{k: round(v, 6) for k, v in parts.items()},
                     lr=float(optimizer.param_groups[0]["lr"]), it_per_s=round(it_s, 3), **memory_stats(device))
         if bar is not None:
             bar.set_postfix(loss=f"{total:.4f}", refresh=False)
@@ -515,6 +602,13 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
     if not cancelled:
         if main:
             save_adapter(output, step)
+            if base_file is not None:
+                lora = db.extract_lora(output, base_file, run_dir / f"{cfg.output_name}-lora.safetensors",
+                                       cfg.extract_lora_rank, save_dtype)
+                events.emit("info", message=f"extracted a rank-{cfg.extract_lora_rank} LoRA: {lora.name}",
+                            lora=str(lora))
+                if base_file.parent == run_dir:  # our own copy of the base, only needed for this
+                    base_file.unlink()
         if cfg.save_every_n_steps:
             save_checkpoint(step)  # every process joins (the data positions are gathered)
     final_eval = eval_loss() if main else None
@@ -526,7 +620,8 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
     return output
 
 
-def _metadata(cfg: TrainConfig, loaded, dataset, entries, steps_per_epoch: int, started: float) -> dict:
+def _metadata(cfg: TrainConfig, loaded, dataset, entries, steps_per_epoch: int, started: float,
+              n_class_images: int = 0) -> dict:
     """kohya ``ss_*`` training metadata plus ``modelspec.*`` (all values strings)."""
     from studio.models.family import base_family
     from studio.train.export import dataset_dirs, model_hashes, tag_frequency
@@ -534,9 +629,10 @@ def _metadata(cfg: TrainConfig, loaded, dataset, entries, steps_per_epoch: int, 
     family = loaded.family
     base = base_family(family)
     legacy, full = model_hashes(loaded.source)
-    n_reg = sum(1 for e in entries if e.weight != 1.0 or False)
-    module = "networks.lora" if cfg.method in ("lora", "locon", "dora") else "lycoris.kohya"
-    net_args = {"algo": {"lora": "lora", "locon": "locon", "dora": "lora", "loha": "loha", "lokr": "lokr"}[cfg.method]}
+    n_reg = sum(1 for e in entries if e.weight != 1.0 or False) + n_class_images
+    lora_like = cfg.method in ("lora", "locon", "dora", "dreambooth-lora", "dreambooth", "ti")
+    module = "networks.lora" if lora_like else "lycoris.kohya"
+    net_args = {"algo": {"locon": "locon", "loha": "loha", "lokr": "lokr"}.get(cfg.method, "lora")}
     if cfg.method == "locon" or cfg.conv_rank:
         net_args.update(conv_dim=str(cfg.conv_rank or cfg.rank), conv_alpha=str(cfg.conv_alpha or cfg.alpha))
     if cfg.method == "dora":
@@ -600,7 +696,8 @@ def _metadata(cfg: TrainConfig, loaded, dataset, entries, steps_per_epoch: int, 
         "ss_tag_frequency": json.dumps(tag_frequency(dataset)),
         "ss_dataset_dirs": json.dumps(dataset_dirs(dataset)),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{arch}/lora" if cfg.method in ("lora", "locon", "dora") else f"{arch}/lycoris",
+        "modelspec.architecture": arch if cfg.method == "dreambooth" else f"{arch}/lora" if lora_like
+        else f"{arch}/lycoris",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if base == "sdxl"
         else "diffusers",
         "modelspec.title": cfg.output_name,
