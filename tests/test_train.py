@@ -91,12 +91,12 @@ def test_preset_config_and_set_merge_in_order(tmp_path):
         resolve_config({}, name, need_inputs=False)
 
 
-def test_next_issue_methods_are_known_but_refused(dataset, tiny_sd1, tmp_path):
-    from studio.train.engine import train
-
-    cfg = cfg_for(tiny_sd1, dataset, tmp_path / "r", method="dreambooth")
-    with pytest.raises(StudioError, match="not implemented yet"):
-        train(cfg)
+def test_ti_and_dreambooth_methods_need_their_own_keys(dataset, tiny_sd1, tmp_path):
+    # (implemented by the TI / DreamBooth issue: tests/test_train_ti_db.py)
+    with pytest.raises(StudioError, match="'instance_prompt'"):
+        cfg_for(tiny_sd1, dataset, tmp_path / "r", method="dreambooth")
+    with pytest.raises(StudioError, match="'token'"):
+        cfg_for(tiny_sd1, dataset, tmp_path / "r", method="ti")
 
 
 def test_event_reader_tolerates_a_torn_last_line_and_writer_repairs_it(tmp_path):
