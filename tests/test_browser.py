@@ -7,6 +7,7 @@ Skipped, with the reason, where Chromium or Playwright is missing (``.ci/run`` i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -90,3 +91,28 @@ def test_page_shows_five_tabs_and_the_tiny_model(page):
         page.wait_for_timeout(500)
         page.screenshot(path=str(SHOTS / f"{name.lower()}.png"), full_page=True)
         assert (SHOTS / f"{name.lower()}.png").stat().st_size > 10_000
+
+
+def set_number(page, label: str, value) -> None:
+    box = page.get_by_label(f"number input for {label}").locator("visible=true").first
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def textbox(page, label: str):
+    return page.locator(f"label:has-text('{label}') textarea:visible").first
+
+
+def test_generate_one_image(page, studio):
+    open_tab(page, "Generate")
+    textbox(page, "Prompt").fill("a photo of sks dog")
+    set_number(page, "Steps", 2)
+    set_number(page, "Width", 64)
+    set_number(page, "Height", 64)
+    page.get_by_label("Seed (-1 random)").locator("visible=true").first.fill("7")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    params = textbox(page, "Parameters (what a webUI reads)")
+    expect(params).to_have_value(re.compile(r"Steps: 2,.*Seed: 7"), timeout=180_000)
+    saved = list((studio["workspace"] / "outputs" / "images").rglob("*.png"))
+    assert saved, "no image saved in the workspace"
+    page.screenshot(path=str(SHOTS / "generate.png"), full_page=True)
