@@ -116,3 +116,41 @@ def test_generate_one_image(page, studio):
     saved = list((studio["workspace"] / "outputs" / "images").rglob("*.png"))
     assert saved, "no image saved in the workspace"
     page.screenshot(path=str(SHOTS / "generate.png"), full_page=True)
+
+
+def _images(folder: Path, n: int = 4) -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        img = Image.new("RGB", (96, 96), (40 * i, 200 - 30 * i, 120))
+        for x in range(0, 96, 8):  # a little structure, so near-duplicate detection keeps them apart
+            for y in range(0, 96, 8):
+                if (x // 8 + y // 8 + i) % (i + 2) == 0:
+                    img.paste((250, 250 - 50 * i, 10 * i), (x, y, x + 8, y + 8))
+        p = folder / f"dog_{i}.png"
+        img.save(p)
+        out.append(p)
+    return out
+
+
+def test_dataset_upload_and_template_captions(page, studio, tmp_path):
+    open_tab(page, "Dataset")
+    files = _images(tmp_path / "photos")
+    page.locator("input[type=file]:not([disabled])").first.set_input_files([str(p) for p in files])
+    page.get_by_label("Name in the workspace (optional)").locator("visible=true").first.fill("mydog")
+    page.wait_for_timeout(1500)  # the upload finishes before the button reads the files
+    page.get_by_role("button", name="Bring in").click()
+    expect(page.get_by_text("Copied into the workspace as")).to_be_visible(timeout=60_000)
+    dataset = studio["workspace"] / "datasets" / "mydog"
+    assert sorted(p.name for p in dataset.glob("*.png")) == [p.name for p in files]
+
+    page.get_by_text("3. Caption").click()
+    page.get_by_label("Trigger word").locator("visible=true").first.fill("sks")
+    page.get_by_label("Class word").locator("visible=true").first.fill("dog")
+    page.get_by_role("button", name="Caption", exact=True).click()
+    expect(page.get_by_text(re.compile(r"captioned 4|4 captioned|Captioned 4", re.I))).to_be_visible(timeout=120_000)
+    captions = {p.stem: p.read_text() for p in dataset.glob("*.txt")}
+    assert len(captions) == 4 and all(c.startswith("sks") and "dog" in c for c in captions.values())
+    page.screenshot(path=str(SHOTS / "dataset.png"), full_page=True)
