@@ -101,6 +101,14 @@ def test_presets_for_ti_and_dreambooth():
     twelve = resolve_config({}, "sd15-dreambooth-12gb", need_inputs=False)
     assert twelve.optimizer == "adamw8bit" and twelve.gradient_checkpointing and twelve.mixed_precision == "fp16"
 
+    from studio.train.estimate import estimate, lower_preset
+
+    full = estimate(twelve, "sd1", {"name": "RTX 3060", "vram_gb": 12.0})
+    assert 8 < full["vram_gb"] < 12 and full["fits"]  # the whole UNet trains: far more than a LoRA
+    lora = resolve_config({}, "sd15-lora-12gb", need_inputs=False)
+    assert full["vram_gb"] > estimate(lora, "sd1", {"name": "RTX 3060", "vram_gb": 12.0})["vram_gb"]
+    assert lower_preset(lora, "sd1") == "sd15-lora-6gb"  # OOM advice stays within the method
+
 
 def test_ti_token_expansion():
     from studio.train.ti import expand
@@ -309,3 +317,65 @@ def test_dreambooth_full_checkpoint_reloads_and_reproduces_the_tuned_unet(datase
     lora = load_adapter(run / "adapter-lora.safetensors")
     assert lora.kind == "lora" and lora.family == "sd1" and lora.parts()["unet"] > 0
     assert not (run / "base-for-extract.safetensors").exists()
+
+
+def test_dreambooth_full_with_ema_saves_the_average_and_resumes_exactly(dataset, tiny_sd1, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from studio.models.ldm import UNET_PREFIX
+    from studio.train import engine
+    from studio.train.checkpoint import latest_checkpoint, load_checkpoint
+
+    common = dict(method="dreambooth", instance_prompt="a photo of sks dog", learning_rate=1e-3, ema=True,
+                  ema_decay=0.5, save_every_n_steps=2, max_train_steps=4)
+    ref = engine.train(cfg_for(tiny_sd1, dataset, tmp_path / "ref", **common))
+
+    # the file holds the EMA weights (the checkpoint's ema.pt), not the last trained ones
+    last = latest_checkpoint(tmp_path / "ref")
+    raw = load_checkpoint(last)["trainable"]
+    shadow = torch.load(last / engine.EMA_FILE, weights_only=True)["shadow_params"]
+    saved = load_file(str(ref))
+    key = "conv_in.weight"
+    from diffusers import UNet2DConditionModel
+
+    order = [n for n, _ in UNet2DConditionModel.from_pretrained(tiny_sd1 / "unet").named_parameters()]
+    index = order.index(key)  # (EMA shadows follow unet.parameters())
+    sgm = saved[UNET_PREFIX + "input_blocks.0.0.weight"]
+    assert torch.equal(sgm, shadow[index].float())  # fp32 save: the average itself
+    assert (sgm - raw["unet." + key]).abs().max() > 1e-6
+
+    # stopped after 2 steps, then resumed: the same file as the uninterrupted run
+    calls = {"n": 0}
+    real_stats = engine.memory_stats
+
+    def stop_after_two(device):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            engine.request_stop()
+        return real_stats(device)
+
+    monkeypatch.setattr(engine, "memory_stats", stop_after_two)
+    run = tmp_path / "resumed"
+    cfg = cfg_for(tiny_sd1, dataset, run, **common)
+    engine.train(cfg)
+    assert next(e for e in events_of(run) if e["type"] == "done")["cancelled"] is True
+    monkeypatch.setitem(engine._STOP, "requested", False)
+    monkeypatch.setattr(engine, "memory_stats", real_stats)
+    out = engine.train(cfg, run, resume=True)
+    again = load_file(str(out))
+    assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+def test_dreambooth_lora_on_sdxl_with_generated_class_images(dataset, tiny_sdxl, tmp_path):
+    from studio.adapters import load_adapter
+    from studio.train.engine import train
+
+    out = train(cfg_for(tiny_sdxl, dataset, tmp_path / "r", method="dreambooth-lora", train_text_encoder=True,
+                        instance_prompt="a photo of sks dog", class_prompt="a photo of a dog", num_class_images=2,
+                        sample_steps=2, max_train_steps=2))
+    ev = events_of(tmp_path / "r")
+    (info,) = [e for e in ev if "class_images_generated" in e]
+    assert info["class_images_generated"] == 2 and Path(info["class_images_dir"]).name.startswith("sdxl-")
+    assert all("loss_prior" in e for e in ev if e["type"] == "step")
+    adapter = load_adapter(out)
+    assert adapter.family == "sdxl" and adapter.parts()["te1"] > 0 and adapter.parts()["te2"] > 0

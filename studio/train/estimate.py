@@ -73,6 +73,12 @@ def estimate(cfg: TrainConfig, family: str | None = None, gpu: dict | None = Non
     adapter_m *= 1.3 if cfg.train_text_encoder else 1.0
     opt_bytes = {"adamw": 8, "adamw8bit": 2, "adafactor": 4, "prodigy": 16}[cfg.optimizer]
     adapter = adapter_m * (4 + 4 + opt_bytes) * gb / 10  # M-params -> GB (adapter_m is in 0.1 M)
+    if cfg.method == "ti":  # only a few embedding rows train (the matrices' optimizer state is small)
+        adapter = 0.05 * (2 if family == "sdxl" else 1)
+    if cfg.method == "dreambooth":  # the UNet itself: fp32 weights + gradients + optimizer state (+ EMA)
+        trained_m = p["unet"] + (p["te"] if cfg.train_text_encoder else 0)
+        adapter = trained_m * (4 + 4 + opt_bytes + (4 if cfg.ema else 0)) * gb
+        unet_w = 0.0
     scale = (cfg.resolution / NATIVE[family]) ** 2
     act = ACT_GB[family][0 if cfg.gradient_checkpointing else 1] * cfg.batch_size * scale
     if cfg.mixed_precision == "no":
@@ -98,7 +104,9 @@ def lower_preset(cfg: TrainConfig, family: str | None = None) -> str | None:
     """The preset one step down in VRAM for this family (None at the bottom)."""
     family = family or _family_of(cfg)
     prefix = "sdxl" if family == "sdxl" else "sd15"
-    ladder = sorted(((load_preset(n).get("vram_gb", 0), n) for n in list_presets() if n.startswith(prefix)))
+    presets = {n: load_preset(n) for n in list_presets() if n.startswith(prefix)}
+    ladder = sorted((raw.get("vram_gb", 0), n) for n, raw in presets.items()
+                    if raw.get("method", "lora") == cfg.method)  # (a LoRA run is not told to train an embedding)
     current = cfg.vram_gb or 1e9
     below = [n for v, n in ladder if v < current]
     return below[-1] if below else None
