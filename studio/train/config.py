@@ -229,7 +229,8 @@ def _check_values(cfg: TrainConfig) -> None:
     need(cfg.save_every_n_steps >= 0, "save_every_n_steps", "must be 0 (only at the end) or more")
     need(cfg.sample_every_n_steps >= 0, "sample_every_n_steps", "must be 0 (never) or more")
     need(cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be at least 1")
-    need(cfg.train_unet or cfg.train_text_encoder, "train_unet", "and train_text_encoder cannot both be false")
+    need(cfg.train_unet or cfg.train_text_encoder or cfg.method == "ti", "train_unet",
+         "and train_text_encoder cannot both be false")  # (ti trains its embedding rows either way)
     need(bool(cfg.output_name) and "/" not in cfg.output_name and "\\" not in cfg.output_name, "output_name",
          "must be a plain file name")
     need(cfg.prior_loss_weight >= 0, "prior_loss_weight", "must be 0 or above", "1.0 is the usual value.")
