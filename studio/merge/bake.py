@@ -19,7 +19,37 @@ import torch
 from studio.errors import StudioError
 from studio.merge import blend as bl
 from studio.merge import recipe as rc
-from studio.merge.stream import ST_DTYPES, TORCH_TO_ST, TensorReader, write_streaming
+from studio.fileio import sshs_hashes
+from studio.merge.stream import ST_DTYPES, TORCH_TO_ST, TensorReader, trim_memory, write_streaming
+
+
+BASE_HASH_PH = "B" * 64  # replaced by the base's hash once it has been read
+
+
+def add_deltas(w: torch.Tensor, items: list, key: str) -> torch.Tensor:
+    """``w`` (float32, modified in place) plus every ``coef * dW`` of ``items`` ((target, module, coef)).
+
+    LoRA / LoCon modules on the same rows are added with one in-place ``addmm`` of their stacked
+    factors (``A @ B = sum coef * scale * up @ down``, see ``studio.merge.blend``): no dense delta is
+    allocated. Other kinds (and DoRA, which needs ``w``) add their own dense ``delta``.
+    """
+    by_rows: dict = {}
+    dense = []  # every dense delta is taken against the base weight, before any is added
+    for target, module, coef in items:
+        rows = slice(*target.rows) if target.rows else slice(None)
+        if key != target.key:  # the bias of a full (diff_b) module
+            dense.append((rows, coef * module.tensors["diff_b"].float().reshape(-1)))
+        elif module.kind_impl.name == "lora" and "dora_scale" not in module.shapes:
+            by_rows.setdefault((target.rows,), []).append(bl.module_term(module, coef))
+        else:
+            dense.append((rows, coef * module.delta(w[rows])))
+    for rows, d in dense:
+        w[rows] += d
+    for (rows,), terms in by_rows.items():
+        a, b = bl.stack_factors(terms)
+        view = (w[slice(*rows)] if rows else w).view(w.shape[0] if not rows else rows[1] - rows[0], -1)
+        view.addmm_(a, b)
+    return w
 
 
 @dataclass
@@ -86,24 +116,25 @@ def bake(base, inputs: list[bl.MergeInput], out, dtype: torch.dtype | None = tor
         def produce(key: str) -> torch.Tensor:
             t = reader[key]
             if key in plan:
-                w = t.float()
-                acc = torch.zeros_like(w)
-                for target, module, coef in plan[key]:
-                    rows = slice(*target.rows) if target.rows else slice(None)
-                    if key != target.key:  # the bias of a full (diff_b) module
-                        acc[rows] += coef * module.tensors["diff_b"].float().reshape(-1)
-                    else:
-                        acc[rows] += coef * module.delta(w[rows])
-                t = w + acc
+                t = add_deltas(t.float(), plan[key], key)
+                produced[0] += 1
+                if produced[0] % 32 == 0:
+                    trim_memory()
             return t.to(ST_DTYPES[out_dtype(reader.info(key)[0])])
 
+        produced = [0]
         entries_in = [rc.input_entry(i.path, i.weight, i.blocks, f.metadata) for i, f in zip(inputs, files)]
-        base_entry = rc.input_entry(base, None, None, reader.header.metadata)
+        # the base's sshs_model_hash is the sha256 of its data, taken while it streams by
+        base_entry = {"name": base.name, "sshs_model_hash": BASE_HASH_PH}
+        if reader.header.metadata.get("modelspec.title"):
+            base_entry["title"] = reader.header.metadata["modelspec.title"]
         recipe = rc.build_recipe("bake", entries_in, base=base_entry,
                                  dtype=str(dtype).replace("torch.", "") if dtype else "as base")
         meta = {k: v for k, v in reader.header.metadata.items() if not k.startswith(("sshs_", rc.RECIPE_KEY))}
         meta.update({"modelspec.title": out.stem})
         meta.update(rc.recipe_metadata(recipe))
         with torch.no_grad():
-            write_streaming(out, entries, produce, meta, progress)
+            write_streaming(out, entries, produce, meta, progress,
+                            late_values={BASE_HASH_PH: lambda: reader.data_hash() or sshs_hashes(base)[0]})
+        recipe["base"]["sshs_model_hash"] = reader.data_hash() or sshs_hashes(base)[0]
     return BakeResult(out, n_modules, len(plan), recipe)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import queue
 import struct
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +38,9 @@ class TensorReader:
         self.header = read_safetensors_header(path)
         self.path = Path(path)
         self._fh = None
+        # sha256 of the data section, built while tensors are read in file order (= sshs_model_hash)
+        self._sha = hashlib.sha256()
+        self._hashed_to = 0
 
     def __enter__(self):
         self._fh = open(self.path, "rb")
@@ -58,9 +63,28 @@ class TensorReader:
         buf = bytearray(end - start)
         self._fh.seek(self.header.data_start + start)
         self._fh.readinto(buf)
+        if start == self._hashed_to:
+            self._sha.update(buf)
+            self._hashed_to = end
         if not buf:
             return torch.empty(tuple(info["shape"]), dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(tuple(info["shape"]))
+
+
+    def data_hash(self) -> str | None:
+        """sshs_model_hash of the file if every tensor was read once in file order, else None."""
+        size = self.header.file_size - self.header.data_start
+        return self._sha.hexdigest() if self._hashed_to == size else None
+
+
+def trim_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it after many mixed-size tensor frees)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _nbytes(dtype: str, shape) -> int:
@@ -68,8 +92,13 @@ def _nbytes(dtype: str, shape) -> int:
 
 
 def write_streaming(path, entries: list[tuple[str, str, tuple]], produce: Callable[[str], torch.Tensor],
-                    metadata: dict[str, str], progress: Callable | None = None) -> Path:
-    """Write a safetensors file whose tensors ``(key, st_dtype, shape)`` come from ``produce(key)``, in order."""
+                    metadata: dict[str, str], progress: Callable | None = None,
+                    late_values: dict[str, Callable[[], str]] | None = None) -> Path:
+    """Write a safetensors file whose tensors ``(key, st_dtype, shape)`` come from ``produce(key)``, in order.
+
+    ``late_values``: placeholder -> function; each placeholder string in the metadata is replaced, once
+    all tensors are written, by the function's result (which must have the same length).
+    """
     meta = {k: str(v) for k, v in metadata.items()}
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _MODEL_PH, _LEGACY_PH
     header: dict = {"__metadata__": meta}
@@ -85,15 +114,39 @@ def write_streaming(path, entries: list[tuple[str, str, tuple]], produce: Callab
         with open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(raw)))
             fh.write(raw)
-            for i, (key, dtype, shape) in enumerate(entries):
-                t = produce(key)
-                if TORCH_TO_ST.get(t.dtype) != dtype or tuple(t.shape) != tuple(shape):
-                    raise ValueError(f"{key}: produced {t.dtype} {tuple(t.shape)}, declared {dtype} {shape}")
-                data = t.contiguous().reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""
-                fh.write(data)
-                sha.update(data)
-                if progress:
-                    progress((i + 1) / len(entries), key)
+            # hashing and writing release the GIL: a thread does them while the next tensor is made
+            q: queue.Queue = queue.Queue(maxsize=2)
+            failed: list[BaseException] = []
+
+            def drain():
+                while (item := q.get()) is not None:
+                    try:
+                        if not failed:
+                            sha.update(item[1])
+                            fh.write(item[1])
+                    except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+                        failed.append(err)
+
+            worker = threading.Thread(target=drain, daemon=True)
+            worker.start()
+            try:
+                for i, (key, dtype, shape) in enumerate(entries):
+                    if failed:
+                        break
+                    t = produce(key)
+                    if TORCH_TO_ST.get(t.dtype) != dtype or tuple(t.shape) != tuple(shape):
+                        raise ValueError(f"{key}: produced {t.dtype} {tuple(t.shape)}, declared {dtype} {shape}")
+                    t = t.contiguous()
+                    q.put((t, t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else b""))
+                    if progress:
+                        progress((i + 1) / len(entries), key)
+            finally:
+                q.put(None)
+                worker.join()
+            if failed:
+                raise failed[0]
+        for placeholder, late in (late_values or {}).items():
+            raw = raw.replace(placeholder.encode(), late().encode(), 1)
         with open(tmp, "r+b") as fh:
             fh.seek(0x100000)
             legacy = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
