@@ -50,6 +50,7 @@ def test_bake_equals_runtime_lora(tmp_path, family, request):
     assert (h.metadata["sshs_model_hash"], h.metadata["sshs_legacy_hash"]) == sshs_hashes(res.path)
     recipe = read_recipe(h.metadata)
     assert recipe["base"]["name"] == base_file.name and [e["weight"] for e in recipe["inputs"]] == [0.8, -0.5]
+    assert recipe["base"]["sshs_model_hash"] == sshs_hashes(base_file)[0]  # hashed while streaming
     assert h.metadata["modelspec.merged_from"] == f"tiny-{family}, a, b"  # base title first
 
     before = _pipe_outputs(base)
