@@ -58,8 +58,12 @@ class RunStatus:
 
 
 def start_run(config: dict | str | Path | None = None, preset: str | None = None, sets: list | dict | None = None,
-              resume: str | Path | None = None, wait_for_gpu: bool = False, extra_env: dict | None = None) -> RunHandle:
-    """Start a run (or resume one) in its own process; returns at once."""
+              resume: str | Path | None = None, wait_for_gpu: bool = False, extra_env: dict | None = None,
+              job=None) -> RunHandle:
+    """Start a run (or resume one) in its own process; returns at once.
+
+    ``job``: a ``GPU`` job the caller already holds (``studio.train.queue`` takes the gate first, then
+    starts the run); it is released when the process ends, or here if the start fails."""
     from studio.fileio import atomic_write_json
     from studio.jobs import GPU
     from studio.train.config import resolve_config
@@ -83,7 +87,7 @@ def start_run(config: dict | str | Path | None = None, preset: str | None = None
     if str(run_dir) in _LIVE and _LIVE[str(run_dir)].alive():
         raise StudioError(f"{run_dir.name} is already running.", "Wait for it or cancel it.")
     (run_dir / CANCEL_FILE).unlink(missing_ok=True)
-    job = GPU.acquire("train", run_dir.name, wait=wait_for_gpu)
+    job = job or GPU.acquire("train", run_dir.name, wait=wait_for_gpu)
     log_path = run_dir / "train.log"
     try:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
@@ -120,12 +124,14 @@ def cancel_run(run: RunHandle | str | Path, kill_after: float | None = None) -> 
                 handle.proc.kill()
 
 
-def read_status(run_dir: str | Path) -> RunStatus:
+def read_status(run_dir: str | Path, events: list[dict] | None = None) -> RunStatus:
+    """The run's state from its folder; ``events``: its events.jsonl already read (the Train tab's cache)."""
     from studio.train.checkpoint import list_checkpoints
     from studio.train.events import read_events
 
     run_dir = Path(run_dir)
-    events = read_events(run_dir / "events.jsonl")
+    if events is None:
+        events = read_events(run_dir / "events.jsonl")
     st = RunStatus(run_dir, "new" if not events else "interrupted")
     for e in events:
         t = e["type"]
