@@ -355,11 +355,12 @@ def test_dreambooth_full_with_ema_saves_the_average_and_resumes_exactly(dataset,
         return real_stats(device)
 
     monkeypatch.setattr(engine, "memory_stats", stop_after_two)
+    monkeypatch.setitem(engine._STOP, "requested", False)  # (teardown puts back the False it finds now)
     run = tmp_path / "resumed"
     cfg = cfg_for(tiny_sd1, dataset, run, **common)
     engine.train(cfg)
     assert next(e for e in events_of(run) if e["type"] == "done")["cancelled"] is True
-    monkeypatch.setitem(engine._STOP, "requested", False)
+    engine._STOP["requested"] = False
     monkeypatch.setattr(engine, "memory_stats", real_stats)
     out = engine.train(cfg, run, resume=True)
     again = load_file(str(out))
