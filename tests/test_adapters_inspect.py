@@ -90,7 +90,9 @@ def test_warnings(tmp_path):
     assert r["family"] == "sdxl" and r["family_source"] == "evidence"
     text = " | ".join(r["warnings"])
     assert "2 tensor(s) no webUI reads" in text and "something_else" in text
-    assert "no webUI would map (SDXL files need SGM block names" in text
+    # the studio reads the diffusers-named UNet module as its SGM name, and warns that webUIs would not
+    assert "webUIs do not map (SDXL files need SGM block names" in text
+    assert "read as lora_unet_input_blocks_4_1_proj_in" in text
     assert "A1111 lists this file as SD1" in text
 
 

@@ -85,8 +85,10 @@ def _warnings(f: AdapterFile) -> list[str]:
     if f.unknown_keys:
         w.append(f"{len(f.unknown_keys)} tensor(s) no webUI reads, e.g. {', '.join(f.unknown_keys[:3])}.")
     if f.renamed:
-        w.append(f"{len(f.renamed)} module name(s) are spelled in a way webUIs do not map (e.g. {f.renamed[0][0]}); "
-                 f"read as {f.renamed[0][1]}. Re-save the file with the studio to fix them.")
+        sgm = any(old.startswith("lora_unet_") and old != new for old, new in f.renamed) and f.family == "sdxl"
+        hint = " (SDXL files need SGM block names: input_blocks / middle_block / output_blocks)" if sgm else ""
+        w.append(f"{len(f.renamed)} module name(s) are spelled in a way webUIs do not map{hint} (e.g. "
+                 f"{f.renamed[0][0]}); read as {f.renamed[0][1]}. Re-save the file with the studio to fix them.")
     bad = [n for n in f.modules if not webui_maps(n, fam)]
     if bad:
         hint = " (SDXL files need SGM block names: input_blocks / middle_block / output_blocks)" if fam == "sdxl" else ""
