@@ -279,3 +279,34 @@ def test_bad_dataset_is_a_readable_message_with_the_fix(ctx, tiny_sd1):
     run_dir, _ = T.start(ctx, form(tiny_sd1, empty, output_name="bad"))
     s = wait_for(ctx, run_dir, lambda s: s["state"] == "error", timeout=120, what="the error")
     assert "no usable images" in s["status"] and "What to do:" in s["status"] and "Traceback" not in s["status"]
+
+
+def test_tab_builds_with_stable_labels_and_opens_results_in_other_tabs(ctx):
+    """The whole app builds; the key controls carry the labels the browser test uses, and the
+    'Open in Inspect / Generate' buttons write into those tabs' inputs and switch tabs."""
+    import app
+    from ui.train_tab import _find
+
+    demo = app.build_app(ctx)
+    train = next(t for t in ctx.tabs.children if t.id == "train")
+    for label in ["Dataset", "Method", "Preset", "Resolution", "Max steps", "Sample every N steps",
+                  "Save every N steps", "Loss", "Preview images", "Log"]:
+        assert _find(train, label) is not None, label
+    buttons = {getattr(b, "value", None): b for b in _walk(train) if type(b).__name__ == "Button"}
+    assert {"Start training", "Cancel", "Resume", "Duplicate config", "Open in Inspect", "Open in Generate"} <= set(buttons)
+    assert any(type(b).__name__ == "Timer" for b in _walk(train))
+    generate = next(t for t in ctx.tabs.children if t.id == "generate")
+    adapter = _find(generate, "Adapter 1")
+
+    def outputs_of(button):
+        return [o for fn in demo.fns.values() for t in fn.targets if t[0] == button._id for o in fn.outputs]
+
+    assert ctx.components["inspect_path"] in outputs_of(buttons["Open in Inspect"])
+    assert ctx.tabs in outputs_of(buttons["Open in Inspect"])
+    assert adapter is not None and adapter in outputs_of(buttons["Open in Generate"])
+
+
+def _walk(block):
+    for child in getattr(block, "children", []) or []:
+        yield child
+        yield from _walk(child)

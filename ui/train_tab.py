@@ -289,9 +289,14 @@ def _find(block, label: str):
 
 
 def _plot_frame(rows):
+    """The loss plot's data; None while there is none (Gradio 6.31 draws no lines in a plot whose
+    first value was an empty frame, even after data arrives)."""
     import pandas as pd
 
-    return pd.DataFrame(rows or [], columns=["step", "loss", "series"])
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows, columns=["step", "loss", "series"])
+    return frame.astype({"step": "int64", "loss": "float64", "series": "object"})
 
 
 def build(ctx) -> None:
@@ -304,36 +309,37 @@ def build(ctx) -> None:
     c: dict = {}
     with gr.Row():
         with gr.Column(scale=5):
-            with gr.Row(equal_height=True):
-                c["dataset"] = gr.Dropdown(dataset_choices(ws), label="Dataset", allow_custom_value=True, scale=6,
-                                           info="A folder of images with .txt captions (see the Dataset tab).")
-                refresh = gr.Button("Refresh", size="sm", scale=1)
             with gr.Row():
-                c["method"] = gr.Dropdown(list(METHODS), value=defaults["method"], label="Method",
+                c["dataset"] = gr.Dropdown(dataset_choices(ws), label="Dataset", allow_custom_value=True, scale=6,
+                                           elem_id="train-dataset",
+                                           info="A folder of images with .txt captions (see the Dataset tab).")
+                refresh = gr.Button("Refresh", size="sm", scale=0, min_width=90)
+            with gr.Row():
+                c["method"] = gr.Dropdown(list(METHODS), value=defaults["method"], label="Method", elem_id="train-method",
                                           info="What kind of adapter to train.")
-                c["preset"] = gr.Dropdown(preset_choices(), value="", label="Preset",
+                c["preset"] = gr.Dropdown(preset_choices(), value="", label="Preset", elem_id="train-preset",
                                           info="Settings tuned for a GPU size; filling the form below.")
             method_help = gr.Markdown(METHOD_HELP[defaults["method"]])
             with gr.Row():
-                c["resolution"] = gr.Dropdown(RESOLUTIONS, value=defaults["resolution"], label="Resolution",
+                c["resolution"] = gr.Dropdown(RESOLUTIONS, value=defaults["resolution"], label="Resolution", elem_id="train-resolution",
                                               allow_custom_value=True,
                                               info="Image side in pixels: 512 for SD1.5, 1024 for SDXL, 64 for the "
                                                    "tiny demo model.")
                 c["batch_size"] = gr.Number(defaults["batch_size"], precision=0, minimum=1, label="Batch size",
                                             info="Images per step. Higher is faster per image but needs more VRAM.")
                 c["max_train_steps"] = gr.Number(defaults["max_train_steps"], precision=0, minimum=1,
-                                                 label="Max steps", info="How long to train, in optimizer steps.")
+                                                 label="Max steps", elem_id="train-max-steps", info="How long to train, in optimizer steps.")
                 c["epochs"] = gr.Number(0, precision=2, minimum=0, label="Epochs (0 = use Max steps)",
                                         info="Or: how many times to go through the dataset.")
-            steps_md = gr.Markdown("Choose a dataset to see how many steps this makes.")
+            steps_md = gr.Markdown("Choose a dataset to see how many steps this makes.", elem_id="train-steps-line")
             with gr.Row():
                 c["sample_every_n_steps"] = gr.Number(defaults["sample_every_n_steps"], precision=0, minimum=0,
-                                                      label="Sample every N steps",
+                                                      label="Sample every N steps", elem_id="train-sample-every",
                                                       info="Draw preview images from the prompts below (0 = never).")
                 c["save_every_n_steps"] = gr.Number(defaults["save_every_n_steps"], precision=0, minimum=0,
-                                                    label="Save every N steps",
+                                                    label="Save every N steps", elem_id="train-save-every",
                                                     info="Keep a checkpoint you can resume from (0 = only at the end).")
-            c["sample_prompts"] = gr.Textbox(label="Preview prompts (one per line)", lines=2,
+            c["sample_prompts"] = gr.Textbox(label="Preview prompts (one per line)", lines=2, elem_id="train-prompts",
                                              placeholder="a photo of sks dog on a beach",
                                              info="Use your trigger word, to see it being learned.")
             c["output_name"] = gr.Textbox(defaults["output_name"], label="Output name",
@@ -412,22 +418,23 @@ def build(ctx) -> None:
                                    info="Any key of presets/*.json; a wrong key is refused by name.")
             estimate_md = gr.Markdown()
             with gr.Row():
-                go = gr.Button("Start training", variant="primary")
-                stop = gr.Button("Cancel", variant="stop")
-                again = gr.Button("Resume")
+                go = gr.Button("Start training", variant="primary", elem_id="train-start")
+                stop = gr.Button("Cancel", variant="stop", elem_id="train-cancel")
+                again = gr.Button("Resume", elem_id="train-resume")
                 dup = gr.Button("Duplicate config")
             with gr.Row():
                 to_inspect = gr.Button("Open in Inspect", size="sm")
                 to_generate = gr.Button("Open in Generate", size="sm")
-            message = gr.Markdown()
+            message = gr.Markdown(elem_id="train-message")
         with gr.Column(scale=6):
             status = gr.Markdown("Loading…", elem_id="train-status", label="Status")
-            plot = gr.LinePlot(_plot_frame([]), x="step", y="loss", color="series", label="Loss", height=280,
-                               color_map={"raw": "#9ecae1", "smoothed": "#08519c"}, x_title="step", y_title="loss")
-            gallery = gr.Gallery(label="Preview images", columns=4, height=280, allow_preview=True)
-            log = gr.Textbox(label="Log", lines=8, max_lines=8, interactive=False, autoscroll=True)
+            plot = gr.LinePlot(None, x="step", y="loss", color="series", label="Loss", height=320, elem_id="train-loss",
+                               x_title="step", y_title="loss (raw and smoothed)")
+            gallery = gr.Gallery(label="Preview images", elem_id="train-previews", columns=4, height=280, allow_preview=True)
+            log = gr.Textbox(label="Log", elem_id="train-log", lines=8, max_lines=8, interactive=False, autoscroll=True)
     with gr.Accordion("Runs", open=True):
         runs = gr.Dataframe(headers=HISTORY_HEADERS, label="Runs (click one to show it)", interactive=False,
+                            elem_id="train-runs",
                             wrap=True)
         refresh_runs = gr.Button("Refresh runs", size="sm")
 
