@@ -154,6 +154,11 @@ def cancel(ctx, run_dir) -> str:
     view = watch(path)
     if view.state not in ("running", "starting"):
         return f"**{path.name}** is not running ({STATE_WORDS.get(view.state, view.state).lower()})."
+    if view.state == "starting":  # still loading: a signal now would end it before it can save anything
+        from studio.train.engine import CANCEL_FILE
+
+        (path / CANCEL_FILE).write_text("cancel requested\n")
+        return f"**{path.name}** is still loading; it stops after its first step and saves that."
     runner.cancel_run(path)
     return f"Stopping **{path.name}**: it saves a checkpoint and the adapter trained so far, then ends."
 
