@@ -34,10 +34,11 @@ socket.socket.connect = _guarded_connect
 
 
 @pytest.fixture(autouse=True)
-def _isolated_places(tmp_path_factory, monkeypatch):
-    """Settings, caches and the workspace live in per-session temp folders, never the user's."""
+def _isolated_places(tmp_path_factory, tmp_path, monkeypatch):
+    """Caches and the workspace live in per-session temp folders (they hold the tiny models), settings
+    in a per-test one, so no test sees another's saved folders; never the user's own."""
     base = tmp_path_factory.getbasetemp()
-    monkeypatch.setenv("STUDIO_CONFIG_DIR", str(base / "config"))
+    monkeypatch.setenv("STUDIO_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("STUDIO_CACHE_DIR", str(base / "cache"))
     monkeypatch.setenv("STUDIO_WORKSPACE", str(base / "workspace"))
 
