@@ -154,3 +154,35 @@ def test_dataset_upload_and_template_captions(page, studio, tmp_path):
     captions = {p.stem: p.read_text() for p in dataset.glob("*.txt")}
     assert len(captions) == 4 and all(c.startswith("sks") and "dog" in c for c in captions.values())
     page.screenshot(path=str(SHOTS / "dataset.png"), full_page=True)
+
+
+def test_train_ten_steps_shows_loss_and_preview(page, studio):
+    """Train a 10-step LoRA on the dataset the Dataset test brought in (tiny SD1, 64 px)."""
+    dataset = studio["workspace"] / "datasets" / "mydog"
+    if not dataset.exists():
+        pytest.skip("needs the dataset from test_dataset_upload_and_template_captions")
+    open_tab(page, "Train")
+    page.get_by_role("button", name="Refresh").locator("visible=true").first.click()
+    pick(page, "#train-dataset", str(dataset))
+    pick(page, "#train-resolution", "64")
+    for sel, value in [("#train-max-steps", 10), ("#train-sample-every", 5), ("#train-save-every", 5)]:
+        box = page.locator(f"{sel} input").first
+        box.fill(str(value))
+        box.press("Enter")
+    page.locator("#train-prompts textarea").fill("sks dog")
+    page.locator("#train-start").click()
+    expect(page.locator("#train-status")).to_contain_text("Finished", timeout=300_000)
+    expect(page.locator("#train-previews img").first).to_be_visible(timeout=30_000)
+    expect(page.locator("#train-loss canvas, #train-loss svg").first).to_be_visible()
+    outputs = list((studio["workspace"] / "runs").rglob("*.safetensors"))
+    assert any(p.parent.parent == studio["workspace"] / "runs" for p in outputs), outputs
+    page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
+
+
+def pick(page, selector: str, value: str) -> None:
+    """Choose ``value`` in a Gradio dropdown (it may be a custom value)."""
+    box = page.locator(f"{selector} input").first
+    box.click()
+    box.fill(value)
+    box.press("Enter")
+    page.wait_for_timeout(300)
