@@ -133,7 +133,7 @@ def bake(base, inputs: list[bl.MergeInput], out, dtype: torch.dtype | None = tor
         meta = {k: v for k, v in reader.header.metadata.items() if not k.startswith(("sshs_", rc.RECIPE_KEY))}
         meta.update({"modelspec.title": out.stem})
         meta.update(rc.recipe_metadata(recipe))
-        with torch.no_grad():
+        with torch.no_grad(), bl.small_ops_threads():
             write_streaming(out, entries, produce, meta, progress,
                             late_values={BASE_HASH_PH: lambda: reader.data_hash() or sshs_hashes(base)[0]})
         recipe["base"]["sshs_model_hash"] = reader.data_hash() or sshs_hashes(base)[0]

@@ -33,6 +33,7 @@ coarser keys ``in`` / ``mid`` / ``out`` / ``unet`` / ``te`` apply to a whole gro
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import Counter
@@ -172,6 +173,23 @@ def module_term(module, coef: float, source: str = "") -> Term:
 
 def _flat(shape: tuple) -> tuple[int, int]:
     return int(shape[0]), int(math.prod(shape[1:]))
+
+
+@contextlib.contextmanager
+def small_ops_threads(n: int = 1):
+    """Run many small matrix ops on ``n`` CPU threads (restored after).
+
+    The factored path does hundreds of QR / SVD calls on matrices a few dozen columns wide; split
+    over OpenMP threads they spend their time synchronising, and on a busy machine (threads
+    descheduled) a merge that takes 1 s on one thread took 7-50 s on two. The GPU gate keeps merges
+    from overlapping other heavy jobs, so flipping the process-wide setting here is safe.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(n, before)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- the linear algebra --------------------------------------------------------------------------
@@ -378,7 +396,7 @@ def blend_modules(files, inputs: list[MergeInput], method: str = "concat", rank:
     report = BlendReport(family)
     modules = {}
     names = sorted(terms)
-    with torch.no_grad():
+    with torch.no_grad(), small_ops_threads():
         for i, name in enumerate(names):
             tensors, res = combine(terms[name], method, rank, energy, name)
             if progress:

@@ -78,7 +78,7 @@ def resize_adapter(src, out, rank: int | None = None, energy: float | None = Non
     modules = {}
     report = bl.BlendReport(family)
     names = sorted(f.modules)
-    with torch.no_grad():
+    with torch.no_grad(), bl.small_ops_threads():
         for i, name in enumerate(names):
             term = bl.module_term(f.modules[name], 1.0, src.name)
             if term.dense is None:
