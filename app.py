@@ -92,6 +92,9 @@ def main(argv=None) -> int:
     from studio.security import decide_auth, is_loopback
 
     args = parse_args(argv)
+    from studio.quiet import quiet_libraries
+
+    quiet_libraries()
     try:
         users, generated = decide_auth(args.host, args.share, args.auth, args.auth_file)
         ctx = make_context(args)

@@ -301,13 +301,13 @@ def load_pipeline(spec: str, device: str | None = None, dtype=None) -> LoadedMod
         extra = {"safety_checker": None, "requires_safety_checker": False, "feature_extractor": None}
     try:
         if src.kind in ("folder", "tiny"):
-            pipe = cls.from_pretrained(src.path, torch_dtype=dtype, local_files_only=True, **extra)
+            pipe = cls.from_pretrained(src.path, dtype=dtype, local_files_only=True, **extra)
         elif src.kind == "single_file":
             cfg = _config_dir_for(src)
-            pipe = cls.from_single_file(str(src.path), config=str(cfg), local_files_only=True, torch_dtype=dtype)
+            pipe = cls.from_single_file(str(src.path), config=str(cfg), local_files_only=True, dtype=dtype)
         else:
             try:
-                pipe = cls.from_pretrained(src.spec, torch_dtype=dtype, local_files_only=offline(),
+                pipe = cls.from_pretrained(src.spec, dtype=dtype, local_files_only=offline(),
                                            use_safetensors=True, **extra)
             except OSError as err:
                 raise _hub_error(src.spec, err) from err

@@ -27,6 +27,9 @@ def add_cli(sub) -> None:
 
 def run(args) -> int:
     from studio.errors import StudioError
+    from studio.quiet import quiet_libraries
+
+    quiet_libraries()
     from studio.train.config import list_presets, load_preset, resolve_config
 
     if args.list_presets:
