@@ -50,7 +50,9 @@ def test_bake_equals_runtime_lora(tmp_path, family, request):
     assert (h.metadata["sshs_model_hash"], h.metadata["sshs_legacy_hash"]) == sshs_hashes(res.path)
     recipe = read_recipe(h.metadata)
     assert recipe["base"]["name"] == base_file.name and [e["weight"] for e in recipe["inputs"]] == [0.8, -0.5]
-    assert recipe["base"]["sshs_model_hash"] == sshs_hashes(base_file)[0]  # hashed while streaming
+    # the base is named by its cheap legacy hash and size (not re-hashed in full)
+    assert recipe["base"]["sshs_legacy_hash"] == sshs_hashes(base_file)[1]
+    assert recipe["base"]["size"] == base_file.stat().st_size
     assert h.metadata["modelspec.merged_from"] == f"tiny-{family}, a, b"  # base title first
 
     before = _pipe_outputs(base)
@@ -131,3 +133,37 @@ def test_extract_recovers_a_baked_lora(tmp_path, tiny_sd1_file, sd1_pipe):
         assert rel(got[n], want[n]) <= 1e-4, n
     assert f.family == "sd1" and f.kind == "locon"  # conv_shortcut came along (conv_rank)
     assert json.loads(f.metadata["studio.merge_recipe"])["method"] == "extract"
+
+
+@pytest.mark.parametrize("config_name", ["sd1", "sd2", "sdxl", "tiny-sd1", "tiny-sdxl"])
+def test_checkpoint_targets_from_keys_equal_the_model_module_list(config_name):
+    """The bake's name -> checkpoint key map is read from the checkpoint's keys with the config alone;
+    it must equal the map built from a real diffusers UNet's module list."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    from studio.adapters.keymap import to_webui_name
+    from studio.merge.ckptmap import _unet_targets
+    from studio.models.ldm import UNET_PREFIX, unet_module_to_sgm
+    from studio.models.loader import CONFIG_ROOT
+    from studio.tiny import build_tiny_pipeline
+
+    if config_name.startswith("tiny-"):
+        family = config_name[5:]
+        config = dict(build_tiny_pipeline(family).unet.config)
+    else:
+        family = config_name
+        config = json.loads((CONFIG_ROOT / family / "unet" / "config.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    shapes, expected = {}, {}
+    for key, value in unet.state_dict().items():
+        module, _, param = key.rpartition(".")
+        shapes[UNET_PREFIX + unet_module_to_sgm(module, unet.config) + "." + param] = tuple(value.shape)
+    for path, m in unet.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            expected[to_webui_name("unet", path, family, unet.config)] = \
+                UNET_PREFIX + unet_module_to_sgm(path, unet.config) + ".weight"
+    got = {name: t.key for name, t in _unet_targets(shapes, config, family).items()}
+    assert got == expected and len(got) > 100

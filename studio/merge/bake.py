@@ -19,11 +19,16 @@ import torch
 from studio.errors import StudioError
 from studio.merge import blend as bl
 from studio.merge import recipe as rc
-from studio.fileio import sshs_hashes
 from studio.merge.stream import ST_DTYPES, TORCH_TO_ST, TensorReader, trim_memory, write_streaming
 
 
-BASE_HASH_PH = "B" * 64  # replaced by the base's hash once it has been read
+def _legacy_hash(path: Path) -> str:
+    """A1111's old short model hash: sha256 of 64 KiB at offset 1 MiB, first 8 hex."""
+    import hashlib
+
+    with open(path, "rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
 
 
 def add_deltas(w: torch.Tensor, items: list, key: str) -> torch.Tensor:
@@ -124,8 +129,11 @@ def bake(base, inputs: list[bl.MergeInput], out, dtype: torch.dtype | None = tor
 
         produced = [0]
         entries_in = [rc.input_entry(i.path, i.weight, i.blocks, f.metadata) for i, f in zip(inputs, files)]
-        # the base's sshs_model_hash is the sha256 of its data, taken while it streams by
-        base_entry = {"name": base.name, "sshs_model_hash": BASE_HASH_PH}
+        # The base is named by its legacy hash (64 KiB read) and the full hash it carries, if any:
+        # hashing 2-7 GB again only to name it would cost more than the rest of the bake.
+        base_entry = {"name": base.name, "size": base.stat().st_size, "sshs_legacy_hash": _legacy_hash(base)}
+        if reader.header.metadata.get("sshs_model_hash"):
+            base_entry["sshs_model_hash"] = reader.header.metadata["sshs_model_hash"]
         if reader.header.metadata.get("modelspec.title"):
             base_entry["title"] = reader.header.metadata["modelspec.title"]
         recipe = rc.build_recipe("bake", entries_in, base=base_entry,
@@ -134,7 +142,5 @@ def bake(base, inputs: list[bl.MergeInput], out, dtype: torch.dtype | None = tor
         meta.update({"modelspec.title": out.stem})
         meta.update(rc.recipe_metadata(recipe))
         with torch.no_grad(), bl.small_ops_threads():
-            write_streaming(out, entries, produce, meta, progress,
-                            late_values={BASE_HASH_PH: lambda: reader.data_hash() or sshs_hashes(base)[0]})
-        recipe["base"]["sshs_model_hash"] = reader.data_hash() or sshs_hashes(base)[0]
+            write_streaming(out, entries, produce, meta, progress)
     return BakeResult(out, n_modules, len(plan), recipe)

@@ -1,10 +1,9 @@
 """Where each webUI adapter module lives in a single-file (webUI layout) checkpoint.
 
-- UNet: the diffusers module list comes from the checkpoint's UNet config (the configs embedded in
-  tiny single files as ``studio.configs``, else the studio's shipped ``configs/<family>/unet``), built
-  on the ``meta`` device (no memory); each Linear / Conv2d path gives the webUI name
-  (``keymap.to_webui_name``) and the key ``model.diffusion_model.<SGM path>.weight``
-  (``ldm.unet_module_to_sgm``).
+- UNet: each ``model.diffusion_model.<SGM path>.weight`` of the checkpoint is mapped back to its
+  diffusers path with the UNet config (embedded in tiny single files as ``studio.configs``, else the
+  studio's shipped ``configs/<family>/unet``; ``ldm.sgm_to_unet_module``), which gives the webUI name
+  (``keymap.to_webui_name``).
 - Text encoders, CLIP layout (SD1, SDXL te1): ``<prefix>encoder.layers.N.self_attn.q_proj.weight``;
   open_clip layout (SD2, SDXL te2): q / k / v are row slices of ``transformer.resblocks.N.attn.in_proj_weight``,
   ``out_proj`` -> ``attn.out_proj``, ``fc1`` -> ``mlp.c_fc``, ``fc2`` -> ``mlp.c_proj``.
@@ -59,22 +58,22 @@ def checkpoint_family(header) -> str:
     return fam
 
 
-def _unet_targets(config: dict, family: str) -> dict[str, Target]:
-    import torch
-    from diffusers import UNet2DConditionModel
+def _unet_targets(shapes: dict[str, tuple], config: dict, family: str) -> dict[str, Target]:
+    """Every Linear / Conv weight of the checkpoint's UNet, by webUI name.
 
+    Read from the checkpoint's own keys (SGM paths) mapped back to diffusers paths with the config
+    alone, so no diffusers model is built (importing diffusers cost seconds per bake).
+    """
     from studio.adapters.keymap import to_webui_name
-    from studio.models.ldm import UNET_PREFIX, unet_module_to_sgm
+    from studio.models.ldm import UNET_PREFIX, sgm_to_unet_module
 
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
     out = {}
-    for path, module in unet.named_modules():
-        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            continue
+    for key, shape in shapes.items():
+        if not (key.startswith(UNET_PREFIX) and key.endswith(".weight")) or len(shape) < 2:
+            continue  # norms and biases are not adapter targets
         try:
-            name = to_webui_name("unet", path, family, unet.config)
-            key = UNET_PREFIX + unet_module_to_sgm(path, unet.config) + ".weight"
+            path = sgm_to_unet_module(key[len(UNET_PREFIX):-len(".weight")], config)
+            name = to_webui_name("unet", path, family, config)
         except KeyError:
             continue
         group = "attn" if ".attentions." in path else (
@@ -121,7 +120,7 @@ def checkpoint_targets(header, family: str | None = None) -> tuple[str, dict[str
     family = family or checkpoint_family(header)
     base = base_family(family)
     shapes = {k: tuple(v["shape"]) for k, v in header.tensors.items()}
-    targets = {n: t for n, t in _unet_targets(unet_config(header, family), base).items() if t.key in shapes}
+    targets = _unet_targets(shapes, unet_config(header, family), base)
     if base == "sd1":
         targets.update(_te_targets(shapes, TE_PREFIXES[("sd1", 1)], False, "lora_te_"))
     elif base == "sd2":

@@ -38,9 +38,6 @@ class TensorReader:
         self.header = read_safetensors_header(path)
         self.path = Path(path)
         self._fh = None
-        # sha256 of the data section, built while tensors are read in file order (= sshs_model_hash)
-        self._sha = hashlib.sha256()
-        self._hashed_to = 0
 
     def __enter__(self):
         self._fh = open(self.path, "rb")
@@ -63,18 +60,10 @@ class TensorReader:
         buf = bytearray(end - start)
         self._fh.seek(self.header.data_start + start)
         self._fh.readinto(buf)
-        if start == self._hashed_to:
-            self._sha.update(buf)
-            self._hashed_to = end
         if not buf:
             return torch.empty(tuple(info["shape"]), dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(tuple(info["shape"]))
 
-
-    def data_hash(self) -> str | None:
-        """sshs_model_hash of the file if every tensor was read once in file order, else None."""
-        size = self.header.file_size - self.header.data_start
-        return self._sha.hexdigest() if self._hashed_to == size else None
 
 
 def trim_memory() -> None:

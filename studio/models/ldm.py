@@ -9,6 +9,7 @@ diffusers' own ``from_single_file``; this module only writes.
 
 from __future__ import annotations
 
+import json
 import re
 
 import torch
@@ -165,3 +166,55 @@ def pipeline_to_ldm(pipe, family: str, dtype: torch.dtype | None = torch.float16
     if dtype is not None:
         sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
     return sd
+
+
+def _cfg(config, key):
+    return config[key] if isinstance(config, dict) else getattr(config, key)
+
+
+def unet_block_prefixes(config) -> list[str]:
+    """Every diffusers UNet block path (``down_blocks.1.attentions.0``, ``mid_block.resnets.1``, ...) a
+    config implies, from its block types and layers per block alone: no model is built."""
+    lpb = _cfg(config, "layers_per_block")
+    down, up = _cfg(config, "down_block_types"), _cfg(config, "up_block_types")
+    out = list(_TOP)
+    for i, kind in enumerate(down):
+        for j in range(lpb):
+            out.append(f"down_blocks.{i}.resnets.{j}")
+            if "CrossAttn" in kind:
+                out.append(f"down_blocks.{i}.attentions.{j}")
+        if i < len(down) - 1:
+            out.append(f"down_blocks.{i}.downsamplers.0.conv")
+    out += ["mid_block.resnets.0", "mid_block.resnets.1", "mid_block.attentions.0"]
+    for i, kind in enumerate(up):
+        for j in range(lpb + 1):
+            out.append(f"up_blocks.{i}.resnets.{j}")
+            if "CrossAttn" in kind:
+                out.append(f"up_blocks.{i}.attentions.{j}")
+        if i < len(up) - 1:
+            out.append(f"up_blocks.{i}.upsamplers.0.conv")
+    return out
+
+
+def sgm_to_unet_module(sgm_path: str, config, _cache: dict = {}) -> str:  # noqa: B006 - per-config memo
+    """Inverse of ``unet_module_to_sgm``: ``input_blocks.4.1.proj_in`` -> ``down_blocks.1.attentions.0.proj_in``.
+
+    Built from ``unet_block_prefixes(config)`` mapped forward, so the two directions cannot disagree.
+    Raises KeyError for a path outside the UNet's blocks.
+    """
+    key = json.dumps({k: _cfg(config, k) for k in ("layers_per_block", "down_block_types", "up_block_types")},
+                     sort_keys=True)
+    table = _cache.get(key)
+    if table is None:
+        table = sorted(((unet_module_to_sgm(p, config), p) for p in unet_block_prefixes(config)),
+                       key=lambda e: -len(e[0]))  # longest SGM prefix first
+        _cache[key] = table
+    for sgm, diffusers_path in table:
+        if sgm_path == sgm or sgm_path.startswith(sgm + "."):
+            rest = sgm_path[len(sgm):]
+            if ".resnets." in diffusers_path:  # in_layers.2 -> conv1, skip_connection -> conv_shortcut ...
+                for name, sgm_name in _RESNET_PARTS.items():
+                    if rest[1:] == sgm_name or rest[1:].startswith(sgm_name + "."):
+                        return diffusers_path + "." + name + rest[1 + len(sgm_name):]
+            return diffusers_path + rest
+    raise KeyError(sgm_path)
