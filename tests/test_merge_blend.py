@@ -229,3 +229,20 @@ def test_diffusers_loads_the_merge_with_the_expected_effect(tmp_path, tiny_sd1, 
     for part in ("unet", "text_encoder"):
         assert (want[part] - base[part]).abs().max() > 1e-2, part  # the merge does something
         assert torch.allclose(got[part], want[part], atol=1e-4, rtol=0), part
+
+
+def test_inspect_shows_the_merge_recipe(tmp_path, three_loras):
+    from studio.adapters.inspect import inspect_file
+    from studio.fileio import sshs_hashes
+    from studio.merge.lora_merge import merge_adapters
+    from ui.inspect_tab import summary_markdown
+
+    res = merge_adapters(_inputs(three_loras), tmp_path / "blend.safetensors", "concat")
+    r = inspect_file(res.path)
+    assert r["merge_recipe"]["method"] == "concat"
+    assert [e["weight"] for e in r["merge_recipe"]["inputs"]] == list(WEIGHTS)
+    md = summary_markdown(r)
+    assert "Merged from" in md and "method concat" in md
+    for p, w in zip(three_loras, WEIGHTS):  # each input with its weight and the hash A1111 shows
+        assert f"{w:+.3f} x {p.name} ({sshs_hashes(p)[0][:12]})" in md
+    assert inspect_file(three_loras[0])["merge_recipe"] is None

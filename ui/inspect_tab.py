@@ -35,6 +35,10 @@ def summary_markdown(r: dict) -> str:
                                             if isinstance(v, dict) else d for d, v in r["dataset_dirs"].items()))
     if r["training"]:
         lines.append("Training: " + ", ".join(f"{k} = {v}" for k, v in r["training"].items()))
+    if r.get("merge_recipe"):
+        from studio.merge.recipe import describe_recipe
+
+        lines.append("Merged from:\n```\n" + describe_recipe(r["merge_recipe"]) + "\n```")
     if r["modelspec"]:
         lines.append("ModelSpec: " + ", ".join(f"{k} = {v}" for k, v in r["modelspec"].items()))
     if r["warnings"]:

@@ -155,7 +155,15 @@ def _metadata_views(meta: dict[str, str]) -> dict:
         "dataset_dirs": _json(meta.get("ss_dataset_dirs", "")) or {},
         "training": {k[3:]: meta[k] for k in TRAINING_KEYS if k in meta},
         "modelspec": {k[len("modelspec."):]: v for k, v in meta.items() if k.startswith("modelspec.")},
+        "merge_recipe": _merge_recipe(meta),
     }
+
+
+def _merge_recipe(meta: dict[str, str]) -> dict | None:
+    """How a merged or baked file was made (inputs, their hashes, weights, method), if it says."""
+    from studio.merge.recipe import read_recipe
+
+    return read_recipe(meta)
 
 
 def block_norms(f: AdapterFile) -> list[tuple[str, float]]:
@@ -239,6 +247,10 @@ def format_report(r: dict) -> str:
         lines.append(f"  trigger words: {', '.join(r['trigger_words'])}")
     if r["training"]:
         lines.append("  training: " + ", ".join(f"{k}={v}" for k, v in r["training"].items()))
+    if r.get("merge_recipe"):
+        from studio.merge.recipe import describe_recipe
+
+        lines.append("  merged: " + describe_recipe(r["merge_recipe"]).replace("\n", "\n          "))
     for k, v in r.get("block_norms") or []:
         lines.append(f"  |dW| {k:12} {v:.4g}")
     for w in r["warnings"]:

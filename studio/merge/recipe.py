@@ -76,7 +76,8 @@ def describe_recipe(recipe: dict) -> str:
         head += f", energy {recipe['energy']}"
     lines = [head]
     if recipe.get("base"):
-        lines.append(f"base {recipe['base'].get('name')} ({recipe['base'].get('sshs_model_hash', '')[:12]})")
+        b = recipe["base"]
+        lines.append(f"base {b.get('name')} ({(b.get('sshs_model_hash') or b.get('sshs_legacy_hash') or '')[:12]})")
     for e in recipe.get("inputs", []):
         w = e.get("weight")
         lines.append(f"{w:+.3f} x {e.get('name')} ({e.get('sshs_model_hash', '')[:12]})" if w is not None
