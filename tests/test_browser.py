@@ -176,6 +176,8 @@ def test_train_ten_steps_shows_loss_and_preview(page, studio):
     expect(page.locator("#train-loss canvas, #train-loss svg").first).to_be_visible()
     outputs = list((studio["workspace"] / "runs").rglob("*.safetensors"))
     assert any(p.parent.parent == studio["workspace"] / "runs" for p in outputs), outputs
+    # the result is also published where Merge, Generate and <lora:...> tags look
+    assert (studio["workspace"] / "outputs" / "loras" / "adapter.safetensors").exists()
     page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
 
 

@@ -607,17 +607,31 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
                                        cfg.extract_lora_rank, save_dtype)
                 events.emit("info", message=f"extracted a rank-{cfg.extract_lora_rank} LoRA: {lora.name}",
                             lora=str(lora))
+                _publish(lora, run_dir, "lora")
                 if base_file.parent == run_dir:  # our own copy of the base, only needed for this
                     base_file.unlink()
         if cfg.save_every_n_steps:
             save_checkpoint(step)  # every process joins (the data positions are gathered)
     final_eval = eval_loss() if main else None
     elapsed = time.perf_counter() - t_start
+    published = _publish(output, run_dir, cfg.method) if main else None
     events.emit("done", step=step, output=str(output), cancelled=cancelled, eval_loss=final_eval,
+                published=str(published) if published else None,
                 it_per_s=round((step - start_step) / max(elapsed, 1e-9), 3), **memory_stats(device))
     acc.wait_for_everyone()
     acc.end_training()
     return output
+
+
+def _publish(output: Path, run_dir: Path, method: str) -> Path | None:
+    """Link the result into the workspace's outputs folder, for runs that live in the workspace."""
+    from studio.places import Settings, Workspace
+    from studio.train.publish import publish
+
+    workspace = Workspace(Settings.load().workspace_path())
+    if not output.exists() or workspace.runs.resolve() not in run_dir.resolve().parents:
+        return None
+    return publish(output, workspace.ensure(), method, run_dir.name)
 
 
 def _metadata(cfg: TrainConfig, loaded, dataset, entries, steps_per_epoch: int, started: float,
