@@ -29,6 +29,14 @@ def test_publish_links_into_the_method_folder_and_never_overwrites(tmp_path):
     assert p.read_bytes() == b"trained weights"
     assert sorted(x.name for x in ws.loras.iterdir()) == ["mydog-run2.safetensors", "mydog.safetensors"]
 
+    # run1 resumed: it re-saves its adapter (a new file) and replaces what it published itself
+    out.unlink()
+    out.write_bytes(b"trained longer")
+    assert publish(out, ws, "lora", "run1") == p
+    assert p.read_bytes() == b"trained longer" and os.path.samefile(p, out)
+    assert (ws.loras / "mydog-run2.safetensors").read_bytes() == b"another run"
+    assert sorted(x.name for x in ws.loras.iterdir()) == ["mydog-run2.safetensors", "mydog.safetensors"]
+
 
 def test_outputs_folder_per_method(tmp_path):
     ws = Workspace(tmp_path / "ws")

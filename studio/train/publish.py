@@ -27,17 +27,30 @@ def outputs_folder(workspace: Workspace, method: str) -> Path:
 
 
 def publish(output: Path, workspace: Workspace, method: str, run_name: str) -> Path:
-    """Link ``output`` into the workspace's outputs folder for ``method``; returns the published path."""
+    """Link ``output`` into the workspace's outputs folder for ``method``; returns the published path.
+
+    A run may replace what it published before (a resumed run re-saves its adapter); any other
+    file of the same name is kept and the new one takes the run's name as a suffix.
+    """
     folder = outputs_folder(workspace, method)
+    record = output.parent / f".published-{output.name}"  # what this run published last time
+    ours = Path(record.read_text().strip()) if record.exists() else None
     target = folder / output.name
-    if target.exists():
+    if target.exists() and target != ours:
         if filecmp.cmp(target, output, shallow=False):
-            return target  # already published (rename() onto a link of the same file would do nothing)
-        target = folder / f"{output.stem}-{run_name}{output.suffix}"  # keep the other file
+            return target  # already there (rename() onto a link of the same file would do nothing)
+        target = folder / f"{output.stem}-{run_name}{output.suffix}"
+        if target.exists() and target != ours and not filecmp.cmp(target, output, shallow=False):
+            raise FileExistsError(target)  # not reached in practice: run names are unique
+    if target.exists() and os.path.samefile(target, output):
+        return target
     with atomic_path(target) as tmp:
         tmp.unlink()
         try:
             os.link(output, tmp)
         except OSError:  # another filesystem, or links not allowed
             shutil.copyfile(output, tmp)
+    from studio.fileio import atomic_write_text
+
+    atomic_write_text(record, str(target))
     return target
