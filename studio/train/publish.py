@@ -40,8 +40,10 @@ def publish(output: Path, workspace: Workspace, method: str, run_name: str) -> P
         if filecmp.cmp(target, output, shallow=False):
             return target  # already there (rename() onto a link of the same file would do nothing)
         target = folder / f"{output.stem}-{run_name}{output.suffix}"
-        if target.exists() and target != ours and not filecmp.cmp(target, output, shallow=False):
-            raise FileExistsError(target)  # not reached in practice: run names are unique
+        n = 2
+        while target.exists() and target != ours and not filecmp.cmp(target, output, shallow=False):
+            target = folder / f"{output.stem}-{run_name}-{n}{output.suffix}"
+            n += 1
     if target.exists() and os.path.samefile(target, output):
         return target
     with atomic_path(target) as tmp:
