@@ -181,10 +181,46 @@ def test_train_ten_steps_shows_loss_and_preview(page, studio):
     page.screenshot(path=str(SHOTS / "train.png"), full_page=True)
 
 
-def pick(page, selector: str, value: str) -> None:
-    """Choose ``value`` in a Gradio dropdown (it may be a custom value)."""
-    box = page.locator(f"{selector} input").first
+def pick(page, where, value: str) -> None:
+    """Choose ``value`` in a Gradio dropdown (it may be a custom value): ``where`` is a CSS selector
+    of the component (its input inside) or a Playwright locator of the input itself."""
+    box = page.locator(f"{where} input").first if isinstance(where, str) else where
     box.click()
     box.fill(value)
     box.press("Enter")
     page.wait_for_timeout(300)
+
+
+def test_merge_two_loras_then_inspect_the_result(page, studio):
+    """Merge the LoRA trained above with a second one dropped into the LoRA folder; open it in Inspect."""
+    import torch
+
+    from studio.adapters import load_adapter, save_adapter
+
+    trained = studio["workspace"] / "outputs" / "loras" / "adapter.safetensors"
+    if not trained.exists():
+        pytest.skip("needs the LoRA from test_train_ten_steps_shows_loss_and_preview")
+    first = load_adapter(trained)
+    g = torch.Generator().manual_seed(0)
+    other = {name: {"lora_down.weight": torch.randn(2, m.tensors["lora_down.weight"].shape[1], generator=g),
+                    "lora_up.weight": torch.randn(m.tensors["lora_up.weight"].shape[0], 2, generator=g) * 0.01,
+                    "alpha": torch.tensor(2.0)} for name, m in first.modules.items()}
+    save_adapter(trained.with_name("style.safetensors"), other, "sd1", "lora")
+
+    open_tab(page, "Merge")
+    page.get_by_role("button", name="Rescan adapter folders").click()
+    for i, path in enumerate([trained, trained.with_name("style.safetensors")], start=1):
+        pick(page, page.get_by_label(f"Adapter {i}", exact=True).locator("visible=true").first, str(path))
+    page.get_by_label("Output name").locator("visible=true").first.fill("blend")
+    page.get_by_role("button", name="Merge", exact=True).click()
+    result = studio["workspace"] / "outputs" / "loras" / "blend.safetensors"
+    expect(page.locator("label:has-text('Result') input:visible, label:has-text('Result') textarea:visible").first
+           ).to_have_value(re.compile("blend.safetensors"), timeout=120_000)
+    merged = load_adapter(result)
+    assert merged.family == "sd1" and set(merged.modules) == set(first.modules)
+    page.screenshot(path=str(SHOTS / "merge.png"), full_page=True)
+
+    page.get_by_role("button", name="Open in Inspect").click()
+    expect(page.get_by_text("Merged from").locator("visible=true").first).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("method concat").locator("visible=true").first).to_be_visible()
+    page.screenshot(path=str(SHOTS / "inspect.png"), full_page=True)
