@@ -103,21 +103,6 @@ def textbox(page, label: str):
     return page.locator(f"label:has-text('{label}') textarea:visible").first
 
 
-def test_generate_one_image(page, studio):
-    open_tab(page, "Generate")
-    textbox(page, "Prompt").fill("a photo of sks dog")
-    set_number(page, "Steps", 2)
-    set_number(page, "Width", 64)
-    set_number(page, "Height", 64)
-    page.get_by_label("Seed (-1 random)").locator("visible=true").first.fill("7")
-    page.get_by_role("button", name="Generate", exact=True).click()
-    params = textbox(page, "Parameters (what a webUI reads)")
-    expect(params).to_have_value(re.compile(r"Steps: 2,.*Seed: 7"), timeout=180_000)
-    saved = list((studio["workspace"] / "outputs" / "images").rglob("*.png"))
-    assert saved, "no image saved in the workspace"
-    page.screenshot(path=str(SHOTS / "generate.png"), full_page=True)
-
-
 def _images(folder: Path, n: int = 4) -> list[Path]:
     from PIL import Image
 
@@ -224,3 +209,21 @@ def test_merge_two_loras_then_inspect_the_result(page, studio):
     expect(page.get_by_text("Merged from").locator("visible=true").first).to_be_visible(timeout=60_000)
     expect(page.get_by_text("method concat").locator("visible=true").first).to_be_visible()
     page.screenshot(path=str(SHOTS / "inspect.png"), full_page=True)
+
+
+def test_generate_one_image_with_the_lora(page, studio):
+    if not (studio["workspace"] / "outputs" / "loras" / "adapter.safetensors").exists():
+        pytest.skip("needs the LoRA from test_train_ten_steps_shows_loss_and_preview")
+    open_tab(page, "Generate")
+    textbox(page, "Prompt").fill("a photo of sks dog <lora:adapter:0.8>")
+    set_number(page, "Steps", 2)
+    set_number(page, "Width", 64)
+    set_number(page, "Height", 64)
+    page.get_by_label("Seed (-1 random)").locator("visible=true").first.fill("7")
+    page.get_by_role("button", name="Generate", exact=True).click()
+    params = textbox(page, "Parameters (what a webUI reads)")
+    expect(params).to_have_value(re.compile(r"Steps: 2,.*Seed: 7"), timeout=180_000)
+    expect(params).to_have_value(re.compile(r'<lora:adapter:0.8>.*Lora hashes: "adapter: [0-9a-f]{12}"', re.S))
+    saved = list((studio["workspace"] / "outputs" / "images").rglob("*.png"))
+    assert saved, "no image saved in the workspace"
+    page.screenshot(path=str(SHOTS / "generate.png"), full_page=True)
