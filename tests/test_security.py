@@ -260,3 +260,46 @@ def test_lora_tags_cannot_name_paths(name):
 
     with pytest.raises(StudioError, match="not a LoRA name"):
         find_lora(name)
+
+
+def test_two_simultaneous_generate_requests_run_one_after_the_other(monkeypatch, tiny_sd1):
+    """Through the real generate() path: the second request waits for the first to finish."""
+    import torch
+
+    from studio.generate import engine
+
+    spans, lock = [], threading.Lock()
+    real = engine.txt2img
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = real(*args, **kwargs)
+        time.sleep(0.2)  # widen the window in which an overlap would show
+        with lock:
+            spans.append((t0, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(engine, "txt2img", timed)
+    req = dict(model=str(tiny_sd1), steps=2, width=64, height=64, save=False, device="cpu", dtype=torch.float32)
+    engine.generate(engine.GenerateRequest(prompt="warm up", seed=1, **req))  # load the model once
+    spans.clear()
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+        i, engine.generate(engine.GenerateRequest(prompt=f"request {i}", seed=i, **req)))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and len(spans) == 2
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert b0 >= a1, f"the two generations overlapped: {spans}"
+
+
+def test_building_the_page_imports_no_heavy_library():
+    """The page is up fast because torch / diffusers / transformers / peft load only when used."""
+    code = ("import sys, app; ctx = app.make_context(app.parse_args([])); app.build_app(ctx); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
