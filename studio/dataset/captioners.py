@@ -215,13 +215,13 @@ class Florence2Captioner(_TorchCaptioner):
         path = resolve_model(self.model, "florence2")
         try:
             self._processor = transformers.AutoProcessor.from_pretrained(path)
-            self._model = transformers.Florence2ForConditionalGeneration.from_pretrained(
-                path, dtype=self.dtype).to(self.device).eval()
-        except (OSError, ValueError) as err:
+            model = transformers.Florence2ForConditionalGeneration.from_pretrained(path, dtype=self.dtype)
+        except Exception as err:  # OSError, ValueError, config validation, weights of the wrong shape (RuntimeError)
             raise StudioError(f"{self.model} could not be loaded as a native Florence-2 model: "
                               f"{str(err).splitlines()[0][:200]}",
                               "Use a checkpoint converted for transformers, such as "
                               f"{DEFAULT_MODELS['florence2']}.") from err
+        self._model = model.to(self.device).eval()  # out of memory here is not a conversion problem
 
     def caption(self, images: list, items: list[DatasetItem]) -> list[str]:
         import torch
