@@ -27,7 +27,6 @@ def _random_lora(pipe, family, rank=4, alpha=2.0, te=True, seed=0, scale=0.2):
     for name in sorted(kmap.names()):
         comp, path = kmap.to_module(name)
         mod = getattr(pipe, comp).get_submodule(path)
-        leaf = path.rsplit(".", 2)
         ok = (comp == "unet" and "attentions" in path and isinstance(mod, torch.nn.Linear)
               and any(path.endswith(t) for t in SD1_UNET))
         ok = ok or (te and comp != "unet" and any(path.endswith(t) for t in SD1_TE))

@@ -13,12 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from studio.errors import StudioError
-from studio.train.config import TrainConfig, list_presets, resolve_config
+from studio.train.config import list_presets, resolve_config
+from train_helpers import cfg_for, events_of, make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -27,34 +27,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """4 images (64 px; one wide; trained at 32 px) with tag captions, in a kohya '2_sks dog' folder."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("ds")
-    sub = root / "2_sks dog"
-    sub.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        w, h = (96, 64) if i == 3 else (64, 64)
-        base = np.zeros((h, w, 3), np.float32)
-        base[..., i % 3] = 200  # a colour per image, plus noise: something learnable
-        arr = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype("uint8")
-        Image.fromarray(arr).save(sub / f"img{i}.png")
-        (sub / f"img{i}.txt").write_text(f"sks dog, {['red', 'green', 'blue'][i % 3]}, photo")
-    return root
-
-
-def cfg_for(model: Path, dataset: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(base_model=str(model), dataset=str(dataset), output_dir=str(out), max_train_steps=10,
-                resolution=32, min_bucket_side=16, bucket_step=16, rank=4, alpha=4, learning_rate=3e-3,
-                batch_size=2, seed=3, device="cpu", gradient_checkpointing=False, save_dtype="fp32")
-    base.update(kw)
-    return resolve_config(base)
-
-
-def events_of(run: Path) -> list[dict]:
-    from studio.train.events import read_events
-
-    return read_events(run / "events.jsonl")
+    return make_dataset(tmp_path_factory.mktemp("ds"), "2_sks dog", lambda c: f"sks dog, {c}, photo")
 
 
 def run_env() -> dict:

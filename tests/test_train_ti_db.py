@@ -8,7 +8,6 @@ Runs are tiny (32 px, a few steps, one CPU thread).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,8 @@ import torch
 
 from studio.errors import StudioError
 from studio.train.config import TrainConfig, list_presets, resolve_config
+from train_helpers import cfg_for as _cfg_for
+from train_helpers import events_of, make_dataset
 
 torch.set_num_threads(1)
 TOKEN = "studiotok"
@@ -25,34 +26,11 @@ TOKEN = "studiotok"
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """4 images (64 px, one wide) with captions, in a kohya '1_dog' folder."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("ds")
-    sub = root / "1_dog"
-    sub.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        w, h = (96, 64) if i == 3 else (64, 64)
-        base = np.zeros((h, w, 3), np.float32)
-        base[..., i % 3] = 200
-        arr = np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype("uint8")
-        Image.fromarray(arr).save(sub / f"img{i}.png")
-        (sub / f"img{i}.txt").write_text(f"photo, {['red', 'green', 'blue'][i % 3]}")
-    return root
+    return make_dataset(tmp_path_factory.mktemp("ds"), "1_dog", lambda c: f"photo, {c}")
 
 
 def cfg_for(model: Path, dataset: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(base_model=str(model), dataset=str(dataset), output_dir=str(out), max_train_steps=4,
-                resolution=32, min_bucket_side=16, bucket_step=16, rank=4, alpha=4, learning_rate=3e-3,
-                batch_size=2, seed=3, device="cpu", gradient_checkpointing=False, save_dtype="fp32")
-    base.update(kw)
-    return resolve_config(base)
-
-
-def events_of(run: Path) -> list[dict]:
-    from studio.train.events import read_events
-
-    return read_events(run / "events.jsonl")
+    return _cfg_for(model, dataset, out, **{"max_train_steps": 4, **kw})
 
 
 def _pipe(model: Path, family: str):
