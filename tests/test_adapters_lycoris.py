@@ -34,8 +34,8 @@ def _perturb_dora_magnitudes(models):
                     mag.weight.mul_(1 + 0.1 * torch.randn(mag.weight.shape, generator=g))
 
 
-# every kind on sd1; SDXL naming is covered by the LoRA tests, so one SDXL kind keeps the suite fast
-CASES = [("sd1", c) for c in CONFIGS] + [("sdxl", "dora")]
+# every kind and variant on sd1; every kind on SDXL too (its two text encoders and SGM names)
+CASES = [("sd1", c) for c in CONFIGS] + [("sdxl", c) for c in ("loha", "lokr", "dora")]
 
 
 @pytest.mark.parametrize("family,cfg", CASES)

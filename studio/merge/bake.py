@@ -142,5 +142,7 @@ def bake(base, inputs: list[bl.MergeInput], out, dtype: torch.dtype | None = tor
         meta.update({"modelspec.title": out.stem})
         meta.update(rc.recipe_metadata(recipe))
         with torch.no_grad(), bl.small_ops_threads():
-            write_streaming(out, entries, produce, meta, progress)
+            # No sshs_* hash: that is the adapter convention; webUIs hash checkpoints themselves
+            # (sha256 of the whole file), so a second pass over 2-7 GB would serve no reader.
+            write_streaming(out, entries, produce, meta, progress, hashes=False)
     return BakeResult(out, n_modules, len(plan), recipe)

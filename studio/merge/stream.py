@@ -82,14 +82,16 @@ def _nbytes(dtype: str, shape) -> int:
 
 def write_streaming(path, entries: list[tuple[str, str, tuple]], produce: Callable[[str], torch.Tensor],
                     metadata: dict[str, str], progress: Callable | None = None,
-                    late_values: dict[str, Callable[[], str]] | None = None) -> Path:
+                    late_values: dict[str, Callable[[], str]] | None = None, hashes: bool = True) -> Path:
     """Write a safetensors file whose tensors ``(key, st_dtype, shape)`` come from ``produce(key)``, in order.
 
     ``late_values``: placeholder -> function; each placeholder string in the metadata is replaced, once
     all tensors are written, by the function's result (which must have the same length).
+    ``hashes``: write ``sshs_model_hash`` / ``sshs_legacy_hash`` (hashing the data as it streams by).
     """
     meta = {k: str(v) for k, v in metadata.items()}
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _MODEL_PH, _LEGACY_PH
+    if hashes:
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _MODEL_PH, _LEGACY_PH
     header: dict = {"__metadata__": meta}
     offset = 0
     for key, dtype, shape in entries:
@@ -111,7 +113,8 @@ def write_streaming(path, entries: list[tuple[str, str, tuple]], produce: Callab
                 while (item := q.get()) is not None:
                     try:
                         if not failed:
-                            sha.update(item[1])
+                            if hashes:
+                                sha.update(item[1])
                             fh.write(item[1])
                     except BaseException as err:  # noqa: BLE001 - re-raised in the caller
                         failed.append(err)
@@ -134,13 +137,15 @@ def write_streaming(path, entries: list[tuple[str, str, tuple]], produce: Callab
                 worker.join()
             if failed:
                 raise failed[0]
-        for placeholder, late in (late_values or {}).items():
-            raw = raw.replace(placeholder.encode(), late().encode(), 1)
-        with open(tmp, "r+b") as fh:
-            fh.seek(0x100000)
-            legacy = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
-            patched = raw.replace(_MODEL_PH.encode(), sha.hexdigest().encode(), 1).replace(
-                _LEGACY_PH.encode(), legacy.encode(), 1)
-            fh.seek(8)
-            fh.write(patched)
+        if hashes or late_values:  # fill the header's placeholders now that the data is written
+            for placeholder, late in (late_values or {}).items():
+                raw = raw.replace(placeholder.encode(), late().encode(), 1)
+            with open(tmp, "r+b") as fh:
+                if hashes:
+                    fh.seek(0x100000)
+                    legacy = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+                    raw = raw.replace(_MODEL_PH.encode(), sha.hexdigest().encode(), 1).replace(
+                        _LEGACY_PH.encode(), legacy.encode(), 1)
+                fh.seek(8)
+                fh.write(raw)
     return Path(path)
