@@ -26,15 +26,19 @@ if "%VARIANT%"=="" (
     where nvidia-smi >nul 2>nul && nvidia-smi -L >nul 2>nul && set "VARIANT=cu128"
 )
 
-for /f "usebackq delims=" %%h in (`"%VPY%" -c "import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],'rb').read()).hexdigest()[:16])" "%HERE%\requirements.txt"`) do set "REQHASH=%%h"
-set "WANT=torch=%TORCH_VERSION%-%VARIANT% req=%REQHASH%"
+rem Re-install when the PyTorch build or requirements.txt changed since the last install
+rem (launch.sh compares hashes; here fc compares against the copy kept in .venv).
+set "NEED="
 set "HAVE="
-if exist "%VENV%\.studio-installed" set /p HAVE=<"%VENV%\.studio-installed"
-if not "%HAVE%"=="%WANT%" (
+if exist "%VENV%\.studio-torch" set /p HAVE=<"%VENV%\.studio-torch"
+if not "%HAVE%"=="torch=%TORCH_VERSION%-%VARIANT%" set "NEED=1"
+fc /b "%HERE%\requirements.txt" "%VENV%\.studio-requirements.txt" >nul 2>nul || set "NEED=1"
+if defined NEED (
     echo Installing PyTorch %TORCH_VERSION% ^(%VARIANT%^) and the studio's requirements...
     "%VPY%" -m pip install --disable-pip-version-check --retries 1 --timeout 30 "torch==%TORCH_VERSION%" --extra-index-url "https://download.pytorch.org/whl/%VARIANT%" || exit /b 1
     "%VPY%" -m pip install --disable-pip-version-check -r "%HERE%\requirements.txt" || exit /b 1
-    > "%VENV%\.studio-installed" echo %WANT%
+    > "%VENV%\.studio-torch" echo torch=%TORCH_VERSION%-%VARIANT%
+    copy /y "%HERE%\requirements.txt" "%VENV%\.studio-requirements.txt" >nul
 )
 
 if "%~1"=="--test" goto run_tests
@@ -42,12 +46,10 @@ if "%~1"=="--test" goto run_tests
 exit /b %errorlevel%
 
 :run_tests
-for /f "usebackq delims=" %%h in (`"%VPY%" -c "import hashlib,sys; print(hashlib.sha256(open(sys.argv[1],'rb').read()).hexdigest()[:16])" "%HERE%\requirements-dev.txt"`) do set "DEVHASH=%%h"
-set "HAVEDEV="
-if exist "%VENV%\.studio-dev-installed" set /p HAVEDEV=<"%VENV%\.studio-dev-installed"
-if not "%HAVEDEV%"=="%DEVHASH%" (
+fc /b "%HERE%\requirements-dev.txt" "%VENV%\.studio-requirements-dev.txt" >nul 2>nul
+if errorlevel 1 (
     "%VPY%" -m pip install --disable-pip-version-check -r "%HERE%\requirements-dev.txt" || exit /b 1
-    > "%VENV%\.studio-dev-installed" echo %DEVHASH%
+    copy /y "%HERE%\requirements-dev.txt" "%VENV%\.studio-requirements-dev.txt" >nul
 )
 set "ARGS="
 shift

@@ -195,6 +195,9 @@ def cuda_bench(steps: int, skip: int) -> None:
 
 
 def main() -> None:
+    from studio.quiet import quiet_libraries
+
+    quiet_libraries()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=0)
