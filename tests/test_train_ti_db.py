@@ -100,25 +100,39 @@ def test_ti_token_expansion():
 # ---- textual inversion -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_ti_trains_only_the_new_rows_and_diffusers_reproduces_the_text_encoder(family, dataset, request, tmp_path):
+def test_ti_trains_only_the_new_rows_and_diffusers_reproduces_the_text_encoder(family, dataset, request, tmp_path,
+                                                                                monkeypatch):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     from studio.train.checkpoint import latest_checkpoint, load_checkpoint
     from studio.train.engine import train
 
+    from studio.train import ti
+
     model = request.getfixturevalue(f"tiny_{family}")
     run = tmp_path / "run"
     cfg = cfg_for(model, dataset, run, method="ti", token=TOKEN, init_word="dog", num_vectors=2,
                   learning_rate=5e-2, save_every_n_steps=4, sample_every_n_steps=4,
                   sample_prompts=[f"a photo of {TOKEN}"], sample_steps=2)
+    live = {}  # the trained embedding matrices themselves, as the run saves its result
+    real_save = ti.save
+
+    def capture(path, rows, *args, **kwargs):
+        live["matrices"] = [r.weight.detach().clone() for r in rows]
+        return real_save(path, rows, *args, **kwargs)
+
+    monkeypatch.setattr(ti, "save", capture)
     out = train(cfg)
     assert out == run / f"{TOKEN}.safetensors"
     ev = events_of(run)
     assert [e["type"] for e in ev].count("step") == 4 and any(e["type"] == "sample" for e in ev)
 
-    # The whole trained embedding matrices are in the last checkpoint: old rows bit-for-bit the base's.
-    trained = load_checkpoint(latest_checkpoint(run))["trainable"]
+    # The checkpoint keeps only the 2 trained rows of each matrix (not 49k-row matrices + moments).
+    ck = load_checkpoint(latest_checkpoint(run))
+    ck_rows = [v for k, v in ck["trainable"].items() if k.endswith("token_embedding.weight")]
+    assert ck_rows and all(v.shape[0] == 2 for v in ck_rows)
+    assert all(t.shape[0] == 2 for st in ck["optimizer"]["state"].values() for t in st.values() if t.dim() > 0)
     base = _pipe(model, family)
     encoders = [("text_encoder", base.text_encoder, base.tokenizer, "emb_params" if family == "sd1" else "clip_l")]
     if family == "sdxl":
@@ -126,9 +140,7 @@ def test_ti_trains_only_the_new_rows_and_diffusers_reproduces_the_text_encoder(f
     saved = load_file(str(out))
     assert set(saved) == {e[3] for e in encoders}
     trained_rows = []
-    for name, te, tok, key in encoders:
-        (weight_key,) = [k for k in trained if k.startswith(name + ".") and k.endswith("token_embedding.weight")]
-        full = trained[weight_key]
+    for (name, te, tok, key), full in zip(encoders, live["matrices"]):
         old = te.get_input_embeddings().weight.detach()
         vocab = old.shape[0]
         assert full.shape == (vocab + 2, old.shape[1])
@@ -343,6 +355,47 @@ def test_dreambooth_full_with_ema_saves_the_average_and_resumes_exactly(dataset,
     out = engine.train(cfg, run, resume=True)
     again = load_file(str(out))
     assert saved.keys() == again.keys() and all(torch.equal(saved[k], again[k]) for k in saved)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_ti_checkpoints_hold_only_the_new_rows_and_resume_exactly(family, dataset, request, tmp_path, monkeypatch):
+    """Stopped after 2 steps and resumed from a rows-only checkpoint: the same embedding, bit for bit."""
+    from safetensors.torch import load_file
+
+    from studio.train import engine
+
+    model = request.getfixturevalue(f"tiny_{family}")
+    common = dict(method="ti", token=TOKEN, init_word="dog", num_vectors=2, learning_rate=5e-2,
+                  weight_decay=1e-2, save_every_n_steps=2, max_train_steps=4)
+    ref = load_file(str(engine.train(cfg_for(model, dataset, tmp_path / "ref", **common))))
+
+    calls = {"n": 0}
+    real_stats = engine.memory_stats
+
+    def stop_after_two(device):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            engine.request_stop()
+        return real_stats(device)
+
+    monkeypatch.setattr(engine, "memory_stats", stop_after_two)
+    monkeypatch.setitem(engine._STOP, "requested", False)
+    run = tmp_path / "resumed"
+    cfg = cfg_for(model, dataset, run, **common)
+    engine.train(cfg)
+    assert next(e for e in events_of(run) if e["type"] == "done")["cancelled"] is True
+    from studio.train.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run)
+    weights_bytes = (last / "trainable.safetensors").stat().st_size
+    moments_bytes = (last / "optimizer.pt").stat().st_size
+    engine._STOP["requested"] = False
+    monkeypatch.setattr(engine, "memory_stats", real_stats)
+    again = load_file(str(engine.train(cfg, run, resume=True)))
+    assert ref.keys() == again.keys() and all(torch.equal(ref[k], again[k]) for k in ref)
+    # the full matrices would be 761 rows x width x 4 bytes (x2 for AdamW's moments): a fraction is kept
+    full = 761 * {"sd1": 32, "sdxl": 32 + 64}[family] * 4
+    assert weights_bytes < full / 10 and moments_bytes < 2 * full / 10
 
 
 def test_dreambooth_lora_on_sdxl_with_generated_class_images(dataset, tiny_sdxl, tmp_path):

@@ -64,10 +64,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(run_dir: Path, step: int, trainable: dict, optimizer, scheduler, scaler, rng: dict,
-                    state: dict, keep: int = 2, extra_files: dict | None = None) -> Path:
-    """Write a checkpoint atomically; ``extra_files`` maps names to writer(path) callables."""
+                    state: dict, keep: int = 2, extra_files: dict | None = None,
+                    row_starts: dict[str, int] | None = None) -> Path:
+    """Write a checkpoint atomically; ``extra_files`` maps names to writer(path) callables.
+
+    ``row_starts``: trainable key -> first trained row, for parameters of which only the last rows
+    train (Textual Inversion's new token rows in a 49k-row embedding matrix). Only those rows, and
+    the same rows of the optimizer's moments, are saved; ``expand_rows`` rebuilds the rest on resume.
+    """
     import torch
     from safetensors.torch import save_file
+
+    row_starts = row_starts or {}
+    opt_state = optimizer.state_dict()
+    if row_starts:
+        trainable, opt_state = _slice_rows(trainable, opt_state, optimizer, row_starts)
+        state = {**state, "row_starts": row_starts}
 
     folder = Path(run_dir) / CKPT_DIR
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,7 +88,7 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict, optimizer, schedu
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(opt_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
@@ -98,6 +110,52 @@ def save_checkpoint(run_dir: Path, step: int, trainable: dict, optimizer, schedu
         old.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
     return final
+
+
+def _param_rows(optimizer, trainable: dict, row_starts: dict[str, int]) -> dict[int, tuple[int, int]]:
+    """Optimizer state index -> (first trained row, total rows), for the row-trained parameters."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out = {}
+    for key, start in row_starts.items():
+        for i, p in enumerate(params):
+            if p is trainable[key]:
+                out[i] = (start, p.shape[0])
+    return out
+
+
+def _slice_rows(trainable: dict, opt_state: dict, optimizer, row_starts: dict[str, int]):
+    rows = _param_rows(optimizer, trainable, row_starts)
+    tensors = {k: (v[row_starts[k]:] if k in row_starts else v) for k, v in trainable.items()}
+    sliced = {}
+    for i, st in opt_state["state"].items():
+        if i in rows:
+            start, n = rows[i]
+            # clone: torch.save writes a view's whole storage, which would keep every row on disk
+            st = {name: (t[start:].clone() if getattr(t, "dim", lambda: 0)() > 0 and t.shape[0] == n else t)
+                  for name, t in st.items()}
+        sliced[i] = st
+    return tensors, {**opt_state, "state": sliced}
+
+
+def expand_rows(saved: dict, opt_state: dict, optimizer, trainable: dict, row_starts: dict[str, int]) -> dict:
+    """Put a row-sliced checkpoint back into full-size tensors, in place: trained rows into the live
+    parameters (the other rows are the base model's, untouched by training) and the optimizer's
+    moments padded with zeros (exactly what masked gradients leave in AdamW's moments)."""
+    import torch
+
+    rows = _param_rows(optimizer, trainable, row_starts)
+    with torch.no_grad():
+        for key, start in row_starts.items():
+            trainable[key][start:].copy_(saved.pop(key))
+    for i, st in opt_state["state"].items():
+        if i in rows:
+            start, n = rows[i]
+            for name, t in list(st.items()):
+                if getattr(t, "dim", lambda: 0)() > 0 and t.shape[0] == n - start:
+                    full = torch.zeros((n, *t.shape[1:]), dtype=t.dtype)
+                    full[start:] = t
+                    st[name] = full
+    return opt_state
 
 
 def load_checkpoint(path: Path) -> dict:

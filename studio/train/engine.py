@@ -326,6 +326,15 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
     def trainable_state() -> dict:
         return {f"{name}.{k}": p for name, m in trained.items() for k, p in m.named_parameters() if p.requires_grad}
 
+    def row_starts() -> dict[str, int]:
+        """TI with AdamW: checkpoint only the new token rows (and their moments), not 49k-row matrices.
+        Exact: masked gradients keep AdamW's moments of every other row at zero. Other optimizers
+        (Adafactor's factored row statistics, say) keep their full state."""
+        if not new_rows or cfg.optimizer != "adamw":
+            return {}
+        start = {id(r.weight): r.start for r in new_rows}
+        return {k: start[id(p)] for k, p in trainable_state().items() if id(p) in start}
+
     groups = []
     if unet_trains:
         groups.append({"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.unet_learning_rate})
@@ -364,13 +373,17 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
                               "Start the run again without --resume (or set save_every_n_steps).")
         state = ckpt.load_checkpoint(last)
         params = trainable_state()
-        missing = set(params) ^ set(state["trainable"])
+        starts = state["state"].get("row_starts") or {}
+        if starts:  # a Textual Inversion checkpoint holds only the trained rows
+            state["optimizer"] = ckpt.expand_rows(state["trainable"], state["optimizer"], optimizer, params, starts)
+        missing = (set(params) - set(starts)) ^ set(state["trainable"])
         if missing:
             raise StudioError(f"The checkpoint {last.name} does not match this config ({len(missing)} tensors differ).",
                               "Resume with the run's own config.json, without changing method, rank or targets.")
         with torch.no_grad():
             for k, p in params.items():
-                p.copy_(state["trainable"][k])
+                if k not in starts:  # (row-sliced ones were restored by expand_rows)
+                    p.copy_(state["trainable"][k])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
@@ -493,7 +506,7 @@ def _train(cfg, run_dir, resume, progress, acc, events, main, world, rank, devic
         extra = {EMA_FILE: lambda p: torch.save(ema.state_dict(), p)} if ema is not None else None
         path = ckpt.save_checkpoint(run_dir, at_step, trainable_state(), optimizer, lr_scheduler, acc.scaler,
                                     rng_t, {"rng": rng_js, "order": orders if world > 1 else orders[0]},
-                                    keep=cfg.keep_checkpoints, extra_files=extra)
+                                    keep=cfg.keep_checkpoints, extra_files=extra, row_starts=row_starts())
         events.emit("checkpoint", step=at_step, path=str(path))
         return path
 
