@@ -57,7 +57,8 @@ def build_app(ctx):
         with gr.Tabs() as tabs:
             ctx.tabs = tabs
             for label, module in TABS:
-                with gr.Tab(label, id=label.lower()):
+                with gr.Tab(label, id=label.lower()) as tab:
+                    ctx.components[f"tab:{label.lower()}"] = tab  # so a tab can react to being opened
                     importlib.import_module(module).build(ctx)
         for hook in ctx.on_built:
             hook()

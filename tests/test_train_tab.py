@@ -310,3 +310,16 @@ def _walk(block):
     for child in getattr(block, "children", []) or []:
         yield child
         yield from _walk(child)
+
+
+def test_opening_the_train_tab_lists_a_dataset_added_meanwhile():
+    import app
+
+    ctx = app.make_context(app.parse_args([]))
+    demo = app.build_app(ctx)
+    tab = ctx.components["tab:train"]
+    (fn,) = [f.fn for f in demo.fns.values() if (tab._id, "select") in [tuple(t) for t in f.targets]]
+    new = ctx.workspace.datasets / "added-later"
+    (new / "1_cat").mkdir(parents=True)
+    update = fn()
+    assert any("added-later" in str(c) for c in update["choices"])

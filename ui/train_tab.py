@@ -475,6 +475,13 @@ def build(ctx) -> None:
         comp.change(_steps, plan_inputs + form, [steps_md, estimate_md], show_progress="hidden")
 
     refresh.click(lambda: gr.update(choices=dataset_choices(ws)), None, c["dataset"])
+
+    def _refresh_on_open():  # a dataset just brought in on the Dataset tab shows up here
+        tab = ctx.components.get("tab:train")
+        if tab is not None:
+            tab.select(lambda: gr.update(choices=dataset_choices(ws)), None, c["dataset"])
+
+    ctx.on_built.append(_refresh_on_open)
     c["method"].change(lambda m: METHOD_HELP.get(m, ""), c["method"], method_help)
 
     preset_outputs = [c[k] for k in FORM_KEYS if k not in ("output_name", "sample_prompts")]
