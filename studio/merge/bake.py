@@ -144,5 +144,5 @@ def bake(base, inputs: list[bl.MergeInput], out, dtype: torch.dtype | None = tor
         with torch.no_grad(), bl.small_ops_threads():
             # No sshs_* hash: that is the adapter convention; webUIs hash checkpoints themselves
             # (sha256 of the whole file), so a second pass over 2-7 GB would serve no reader.
-            write_streaming(out, entries, produce, meta, progress, hashes=False)
+            write_streaming(out, entries, produce, meta, progress)
     return BakeResult(out, n_modules, len(plan), recipe)

@@ -2,15 +2,13 @@
 
 ``TensorReader`` reads one tensor's byte range with a plain ``seek`` + ``readinto`` (no memory map,
 so resident memory does not grow with the file). ``write_streaming`` lays out the header from the
-tensors' dtypes and shapes, then asks for each tensor in turn and writes it, hashing the data as
-it goes; ``sshs_model_hash`` / ``sshs_legacy_hash`` are written into fixed-width placeholders of
-the header at the end. Peak memory is about the largest tensor (plus whatever the producer holds),
-never the whole checkpoint. The output goes through ``atomic_path``.
+tensors' dtypes and shapes, then asks for each tensor in turn and writes it. Peak memory is about
+the largest tensor (plus whatever the producer holds), never the whole checkpoint. The output goes
+through ``atomic_path``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import queue
@@ -27,8 +25,6 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
-_MODEL_PH = "M" * 64
-_LEGACY_PH = "L" * 8
 
 
 class TensorReader:
@@ -81,17 +77,9 @@ def _nbytes(dtype: str, shape) -> int:
 
 
 def write_streaming(path, entries: list[tuple[str, str, tuple]], produce: Callable[[str], torch.Tensor],
-                    metadata: dict[str, str], progress: Callable | None = None,
-                    late_values: dict[str, Callable[[], str]] | None = None, hashes: bool = True) -> Path:
-    """Write a safetensors file whose tensors ``(key, st_dtype, shape)`` come from ``produce(key)``, in order.
-
-    ``late_values``: placeholder -> function; each placeholder string in the metadata is replaced, once
-    all tensors are written, by the function's result (which must have the same length).
-    ``hashes``: write ``sshs_model_hash`` / ``sshs_legacy_hash`` (hashing the data as it streams by).
-    """
+                    metadata: dict[str, str], progress: Callable | None = None) -> Path:
+    """Write a safetensors file whose tensors ``(key, st_dtype, shape)`` come from ``produce(key)``, in order."""
     meta = {k: str(v) for k, v in metadata.items()}
-    if hashes:
-        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = _MODEL_PH, _LEGACY_PH
     header: dict = {"__metadata__": meta}
     offset = 0
     for key, dtype, shape in entries:
@@ -100,12 +88,11 @@ def write_streaming(path, entries: list[tuple[str, str, tuple]], produce: Callab
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # safetensors pads the header to 8 bytes
-    sha = hashlib.sha256()
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(struct.pack("<Q", len(raw)))
             fh.write(raw)
-            # hashing and writing release the GIL: a thread does them while the next tensor is made
+            # writing releases the GIL: a thread writes while the next tensor is made
             q: queue.Queue = queue.Queue(maxsize=2)
             failed: list[BaseException] = []
 
@@ -113,8 +100,6 @@ def write_streaming(path, entries: list[tuple[str, str, tuple]], produce: Callab
                 while (item := q.get()) is not None:
                     try:
                         if not failed:
-                            if hashes:
-                                sha.update(item[1])
                             fh.write(item[1])
                     except BaseException as err:  # noqa: BLE001 - re-raised in the caller
                         failed.append(err)
@@ -137,15 +122,4 @@ def write_streaming(path, entries: list[tuple[str, str, tuple]], produce: Callab
                 worker.join()
             if failed:
                 raise failed[0]
-        if hashes or late_values:  # fill the header's placeholders now that the data is written
-            for placeholder, late in (late_values or {}).items():
-                raw = raw.replace(placeholder.encode(), late().encode(), 1)
-            with open(tmp, "r+b") as fh:
-                if hashes:
-                    fh.seek(0x100000)
-                    legacy = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
-                    raw = raw.replace(_MODEL_PH.encode(), sha.hexdigest().encode(), 1).replace(
-                        _LEGACY_PH.encode(), legacy.encode(), 1)
-                fh.seek(8)
-                fh.write(raw)
     return Path(path)
