@@ -178,9 +178,14 @@ def sshs_hashes(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[str, str
         h = hashlib.sha256()
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
+    return h.hexdigest(), legacy_hash(p)
+
+
+def legacy_hash(path: str | os.PathLike) -> str:
+    """``sshs_legacy_hash``, A1111's old short model hash: sha256 of 64 KiB at offset 1 MiB, 8 hex."""
+    with open(path, "rb") as fh:
         fh.seek(0x100000)
-        legacy = hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
-    return h.hexdigest(), legacy
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
 
 
 def tensors_hash(tensors: dict) -> str:

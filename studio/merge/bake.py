@@ -17,18 +17,10 @@ from pathlib import Path
 import torch
 
 from studio.errors import StudioError
+from studio.fileio import legacy_hash
 from studio.merge import blend as bl
 from studio.merge import recipe as rc
 from studio.merge.stream import ST_DTYPES, TORCH_TO_ST, TensorReader, trim_memory, write_streaming
-
-
-def _legacy_hash(path: Path) -> str:
-    """A1111's old short model hash: sha256 of 64 KiB at offset 1 MiB, first 8 hex."""
-    import hashlib
-
-    with open(path, "rb") as fh:
-        fh.seek(0x100000)
-        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
 
 
 def add_deltas(w: torch.Tensor, items: list, key: str) -> torch.Tensor:
@@ -131,7 +123,7 @@ def bake(base, inputs: list[bl.MergeInput], out, dtype: torch.dtype | None = tor
         entries_in = [rc.input_entry(i.path, i.weight, i.blocks, f.metadata) for i, f in zip(inputs, files)]
         # The base is named by its legacy hash (64 KiB read) and the full hash it carries, if any:
         # hashing 2-7 GB again only to name it would cost more than the rest of the bake.
-        base_entry = {"name": base.name, "size": base.stat().st_size, "sshs_legacy_hash": _legacy_hash(base)}
+        base_entry = {"name": base.name, "size": base.stat().st_size, "sshs_legacy_hash": legacy_hash(base)}
         if reader.header.metadata.get("sshs_model_hash"):
             base_entry["sshs_model_hash"] = reader.header.metadata["sshs_model_hash"]
         if reader.header.metadata.get("modelspec.title"):
