@@ -33,6 +33,23 @@ def cfg_for(model: Path, dataset: Path, out: Path, **kw) -> TrainConfig:
     return _cfg_for(model, dataset, out, **{"max_train_steps": 4, **kw})
 
 
+def stop_after_two_steps(engine, monkeypatch):
+    """Make the next run ask to stop after its second step (as a cancel would); returns what to
+    put back so a following resume runs to the end."""
+    calls = {"n": 0}
+    real_stats = engine.memory_stats
+
+    def stop_after_two(device):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            engine.request_stop()
+        return real_stats(device)
+
+    monkeypatch.setattr(engine, "memory_stats", stop_after_two)
+    monkeypatch.setitem(engine._STOP, "requested", False)  # (teardown puts back the False it finds now)
+    return real_stats
+
+
 def _pipe(model: Path, family: str):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -335,17 +352,7 @@ def test_dreambooth_full_with_ema_saves_the_average_and_resumes_exactly(dataset,
     assert (sgm - raw["unet." + key]).abs().max() > 1e-6
 
     # stopped after 2 steps, then resumed: the same file as the uninterrupted run
-    calls = {"n": 0}
-    real_stats = engine.memory_stats
-
-    def stop_after_two(device):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            engine.request_stop()
-        return real_stats(device)
-
-    monkeypatch.setattr(engine, "memory_stats", stop_after_two)
-    monkeypatch.setitem(engine._STOP, "requested", False)  # (teardown puts back the False it finds now)
+    real_stats = stop_after_two_steps(engine, monkeypatch)
     run = tmp_path / "resumed"
     cfg = cfg_for(tiny_sd1, dataset, run, **common)
     engine.train(cfg)
@@ -369,17 +376,7 @@ def test_ti_checkpoints_hold_only_the_new_rows_and_resume_exactly(family, datase
                   weight_decay=1e-2, save_every_n_steps=2, max_train_steps=4)
     ref = load_file(str(engine.train(cfg_for(model, dataset, tmp_path / "ref", **common))))
 
-    calls = {"n": 0}
-    real_stats = engine.memory_stats
-
-    def stop_after_two(device):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            engine.request_stop()
-        return real_stats(device)
-
-    monkeypatch.setattr(engine, "memory_stats", stop_after_two)
-    monkeypatch.setitem(engine._STOP, "requested", False)
+    real_stats = stop_after_two_steps(engine, monkeypatch)
     run = tmp_path / "resumed"
     cfg = cfg_for(model, dataset, run, **common)
     engine.train(cfg)
