@@ -77,6 +77,11 @@ def test_warnings(tmp_path):
     assert "1 module(s) have no alpha" in warnings
     assert "NaN or Inf" in warnings
     assert "NaN" not in " ".join(inspect_file(path)["warnings"])  # header-only does not read tensors
+    assert "tiny demo model" not in warnings
+    # the same widths on a file trained on the tiny demo model: still said, but as expected
+    tiny = save_adapter(tmp_path / "t.safetensors", m, "sdxl", metadata={"ss_sd_model_name": "tiny:sdxl"})
+    assert "does not fit the family (expected: it was made on the tiny demo model)" in \
+        " | ".join(inspect_file(tiny)["warnings"])
 
     # SDXL file with diffusers UNet names and a stray key, metadata without the family keys
     sd = {"lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 8),

@@ -246,3 +246,21 @@ def test_inspect_shows_the_merge_recipe(tmp_path, three_loras):
     for p, w in zip(three_loras, WEIGHTS):  # each input with its weight and the hash A1111 shows
         assert f"{w:+.3f} x {p.name} ({sshs_hashes(p)[0][:12]})" in md
     assert inspect_file(three_loras[0])["merge_recipe"] is None
+
+
+def test_merge_keeps_the_base_model_name_its_inputs_share(tmp_path, three_loras):
+    from safetensors.torch import load_file, save_file
+
+    from studio.adapters import load_adapter
+    from studio.merge.blend import MergeInput
+    from studio.merge.lora_merge import merge_adapters
+
+    named = []
+    for i, p in enumerate(three_loras):
+        meta = dict(load_adapter(p).metadata, ss_sd_model_name="v1-5-pruned-emaonly")
+        named.append(tmp_path / f"n{i}.safetensors")
+        save_file(load_file(p), named[-1], metadata=meta)
+    res = merge_adapters([MergeInput(p, w) for p, w in zip(named, WEIGHTS)], tmp_path / "m.safetensors", "concat")
+    assert load_adapter(res.path).metadata["ss_sd_model_name"] == "v1-5-pruned-emaonly"
+    res = merge_adapters([MergeInput(named[0], 1.0), MergeInput(three_loras[1], 1.0)], tmp_path / "m2.safetensors")
+    assert "ss_sd_model_name" not in load_adapter(res.path).metadata  # inputs disagree: say nothing

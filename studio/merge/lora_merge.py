@@ -51,6 +51,9 @@ def merge_adapters(inputs: list[bl.MergeInput], out, method: str = "concat", ran
     meta = {"ss_output_name": title, "modelspec.title": title,
             "modelspec.description": f"Merge of {len(inputs)} adapters ({method}) by Adapter Studio",
             "ss_training_comment": rc.describe_recipe(recipe).replace("\n", "; ")}
+    bases = {f.metadata.get("ss_sd_model_name") for f in files}
+    if len(bases) == 1 and None not in bases:  # every input was trained on the same base: say which
+        meta["ss_sd_model_name"] = bases.pop()
     meta.update(rc.recipe_metadata(recipe))
     from studio.adapters import save_adapter
 
