@@ -292,3 +292,34 @@ def test_app_serves_five_tabs(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# Parameter counts of the released models (diffusers / transformers classes), as published with
+# them: they pin every width and layer count of the configs shipped for bare single-file checkpoints.
+RELEASED_SIZES = {"sd1": (859_520_964, 83_653_863, 123_060_480, None),
+                  "sd2": (865_910_724, 83_653_863, 340_387_840, None),
+                  "sd2-v": (865_910_724, 83_653_863, 340_387_840, None),
+                  "sdxl": (2_567_463_684, 83_653_863, 123_060_480, 694_659_840)}
+
+
+@pytest.mark.parametrize("family", sorted(RELEASED_SIZES))
+def test_shipped_configs_build_the_released_architectures(family):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from studio.models.loader import CONFIG_ROOT
+
+    def count(model):
+        return sum(p.numel() for p in model.parameters())
+
+    def cfg(part):
+        return json.loads((CONFIG_ROOT / family / part / "config.json").read_text())
+
+    with torch.device("meta"):  # no memory: only the shapes
+        got = (count(UNet2DConditionModel.from_config(cfg("unet"))), count(AutoencoderKL.from_config(cfg("vae"))),
+               count(CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))),
+               count(CLIPTextModelWithProjection(CLIPTextConfig(**cfg("text_encoder_2")))) if family == "sdxl"
+               else None)
+    assert got == RELEASED_SIZES[family]
+    sched = json.loads((CONFIG_ROOT / family / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == ("v_prediction" if family == "sd2-v" else "epsilon")
