@@ -323,3 +323,45 @@ def test_shipped_configs_build_the_released_architectures(family):
     assert got == RELEASED_SIZES[family]
     sched = json.loads((CONFIG_ROOT / family / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == ("v_prediction" if family == "sd2-v" else "epsilon")
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_webui_layout_of_real_shaped_models_reads_back_in_diffusers(family):
+    """Checkpoints the studio writes (bake, DreamBooth) for real SD1 / SD2 / SDXL shapes: diffusers' own
+    single-file converters map every key back to its module with its shape (meta tensors: no memory).
+    The tiny-model tests check the values; this checks the real block layouts (SDXL's 10-deep blocks)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                     convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from studio.models.ldm import TE_PREFIXES, clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
+    from studio.models.loader import CONFIG_ROOT
+
+    def cfg(part):
+        return json.loads((CONFIG_ROOT / family / part / "config.json").read_text())
+
+    def same(model_sd, back):
+        model_sd = {k: v for k, v in model_sd.items() if not k.endswith("position_ids")}
+        if not any(k.startswith("text_model.") for k in model_sd):  # transformers>=5.6 CLIPTextModel
+            back = {k.removeprefix("text_model."): v for k, v in back.items()}
+        assert set(back) == set(model_sd)
+        assert all(tuple(back[k].shape) == tuple(v.shape) for k, v in model_sd.items())
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg("unet"))
+        same(unet.state_dict(), convert_ldm_unet_checkpoint(unet_to_ldm(unet), dict(unet.config)))
+        vae = AutoencoderKL.from_config(cfg("vae"))
+        same(vae.state_dict(), convert_ldm_vae_checkpoint(vae_to_ldm(vae.state_dict()), dict(vae.config)))
+        te = CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))
+        if family == "sd2":
+            prefix = TE_PREFIXES[("sd2", 1)]
+            same(te.state_dict(), convert_open_clip_checkpoint(te, open_clip_to_ldm(te.state_dict(), prefix), prefix))
+        else:
+            prefix = TE_PREFIXES[(family, 1)]
+            same(te.state_dict(), convert_ldm_clip_checkpoint(clip_to_ldm(te.state_dict(), prefix),
+                                                              prefix.replace("text_model.", "")))
+        if family == "sdxl":
+            te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg("text_encoder_2")))
+            prefix = TE_PREFIXES[("sdxl", 2)]
+            same(te2.state_dict(), convert_open_clip_checkpoint(te2, open_clip_to_ldm(te2.state_dict(), prefix), prefix))
