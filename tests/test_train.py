@@ -328,3 +328,33 @@ def test_accelerate_launch_two_processes_writes_one_output(dataset, tiny_sd1, tm
     types = [e["type"] for e in ev]
     assert types.count("start") == 1 and types.count("done") == 1 and types.count("step") == 4
     assert next(e for e in ev if e["type"] == "start")["processes"] == 2
+
+
+@pytest.mark.parametrize("family,expected", [("sd1", {"unet": 192, "text_encoder": 72}),
+                                             ("sdxl", {"unet": 722, "text_encoder": 72, "text_encoder_2": 192})])
+def test_default_lora_targets_are_kohyas_on_real_shaped_models(family, expected):
+    """The modules a LoRA run adapts, matched by peft's own rule on real SD1.5 / SDXL shapes (meta
+    tensors): kohya's default set (every Linear of the Transformer2DModels, every CLIP attention and
+    MLP linear), so files match what users know from other trainers."""
+    from diffusers import UNet2DConditionModel
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from studio.models.loader import CONFIG_ROOT
+    from studio.train.engine import peft_config
+
+    def cfg(part):
+        return json.loads((CONFIG_ROOT / family / part / "config.json").read_text())
+
+    with torch.device("meta"):
+        models = {"unet": UNet2DConditionModel.from_config(cfg("unet")),
+                  "text_encoder": CLIPTextModel(CLIPTextConfig(**cfg("text_encoder")))}
+        if family == "sdxl":
+            models["text_encoder_2"] = CLIPTextModel(CLIPTextConfig(**cfg("text_encoder_2")))
+    run = resolve_config(dict(base_model="tiny:sd1", dataset=".", output_dir=".", method="lora"))
+    got = {}
+    for name, model in models.items():
+        pc = peft_config(run, "unet" if name == "unet" else "text_encoder")
+        got[name] = sum(1 for key, m in model.named_modules()
+                        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and check_target_module_exists(pc, key))
+    assert got == expected
