@@ -358,3 +358,30 @@ def test_default_lora_targets_are_kohyas_on_real_shaped_models(family, expected)
         got[name] = sum(1 for key, m in model.named_modules()
                         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and check_target_module_exists(pc, key))
     assert got == expected
+
+
+def test_a_full_disk_stops_the_run_with_a_plain_message_and_keeps_the_last_checkpoint(dataset, tiny_sd1, tmp_path,
+                                                                                     monkeypatch):
+    import errno
+
+    from studio.train import checkpoint as ckpt
+    from studio.train.engine import train
+
+    real_save = ckpt.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_fill_the_disk(run_dir, step, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint does not fit
+            raise OSError(errno.ENOSPC, "No space left on device", str(run_dir / "checkpoints"))
+        return real_save(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_fill_the_disk)
+    run = tmp_path / "full"
+    with pytest.raises(StudioError, match="The disk is full") as err:
+        train(cfg_for(tiny_sd1, dataset, run, max_train_steps=6, save_every_n_steps=2))
+    assert "Resume" in str(err.value) and "Traceback" not in str(err.value)
+    (event,) = [e for e in events_of(run) if e["type"] == "error"]
+    assert event["message"].startswith("The disk is full") and "checkpoint is intact" in event["fix"]
+    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-000002"]  # the complete one, still there
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["state"]["step"] == 2

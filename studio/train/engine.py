@@ -18,6 +18,7 @@ are honoured between steps: the checkpoint and the adapter so far are saved, the
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -40,6 +41,13 @@ _STOP = {"requested": False}
 def request_stop(*_args) -> None:
     """Signal handler / UI hook: finish the current step, save, exit cleanly."""
     _STOP["requested"] = True
+
+
+def _record_unexpected(err: Exception, events) -> None:
+    """Put an error nobody anticipated in the run's events, with the advice that still holds."""
+    with contextlib.suppress(OSError):
+        events.emit("error", message=f"{type(err).__name__}: {err}", fix="This is a bug or an unusual setup; "
+                    "the run folder keeps its last checkpoint, so --resume can continue after a fix.")
 
 
 # ---- pieces the loop uses ----------------------------------------------------------------
@@ -198,9 +206,18 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike | None = None, resume: bo
     except StudioError as err:
         events.emit("error", message=err.message, fix=err.fix)
         raise
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            _record_unexpected(err, events)
+            raise
+        msg = f"The disk is full ({err.filename or run_dir}): the run stopped."
+        fix = ("Free some space (or move the workspace), then Resume: the last complete checkpoint is intact, "
+               "and nothing half-written is left in the run folder.")
+        with contextlib.suppress(OSError):  # on a full disk even this line may not fit
+            events.emit("error", message=msg, fix=fix)
+        raise StudioError(msg, fix) from err
     except Exception as err:
-        events.emit("error", message=f"{type(err).__name__}: {err}", fix="This is a bug or an unusual setup; "
-                    "the run folder keeps its last checkpoint, so --resume can continue after a fix.")
+        _record_unexpected(err, events)
         raise
     finally:
         events.close()
