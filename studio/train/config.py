@@ -147,29 +147,18 @@ def _coerce(key: str, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         raise bad
-    if typ is int:
-        if isinstance(value, bool):
+    if typ in (int, float):
+        if isinstance(value, bool):  # True is an int to Python, never a number to a user
             raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
+        if isinstance(value, str):
+            try:
+                return typ(value)
+            except ValueError:
+                raise bad from None
+        if typ is int and isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if typ is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
+        if isinstance(value, int) or (typ is float and isinstance(value, float)):
+            return typ(value)
         raise bad
     if typ is str:
         if isinstance(value, str):
